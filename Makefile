@@ -1,0 +1,36 @@
+# Two commands do everything on a fresh Debian machine (as root): `make run` and `make test`.
+# Every target is idempotent: a second call skips what is already done.
+
+VENV      := .venv
+PY        := $(VENV)/bin/python
+WPGFLOW   := $(VENV)/bin/wpgflow
+SYSPY     := /usr/bin/python3
+DEB_PKGS  := python3-dolfinx-real python3-scipy python3-matplotlib python3-pytest python3-tqdm python3-venv python3-pip
+SYS_CHECK := import dolfinx, scipy, matplotlib, tqdm, pytest, ensurepip
+
+.PHONY: setup system-deps run test bench clean
+
+setup: $(WPGFLOW)
+
+# Debian's DOLFINx 0.5.2 is built against Debian's numpy/scipy: install them all from apt, never from pip.
+system-deps:
+	@$(SYSPY) -c "$(SYS_CHECK)" 2>/dev/null || { \
+	  echo "installing Debian packages: $(DEB_PKGS)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(DEB_PKGS); }
+
+$(WPGFLOW): setup.cfg pyproject.toml | system-deps
+	@test -x $(PY) || $(SYSPY) -m venv --system-site-packages $(VENV)
+	$(PY) -m pip install --quiet --no-deps --no-build-isolation --no-index -e .
+	@touch $(WPGFLOW)
+
+run: setup
+	$(WPGFLOW) run experiments/lqr_1d.toml --force
+
+test: setup
+	$(PY) -m pytest -q
+
+bench: setup
+	$(PY) benchmarks/bench_lqr_1d.py
+
+clean:
+	rm -rf $(VENV) runs *.egg-info

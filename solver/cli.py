@@ -1,0 +1,116 @@
+"""Command line: ``wpgflow run CONFIG`` and ``wpgflow plot RUN_DIR``.
+
+Exit codes: 0 success; 1 the run failed numerically (what was computed is kept); 2 bad input (one line on
+stderr naming the key and what is allowed; nothing is written).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from . import __version__
+from .config import ConfigError
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but usage errors are one line and exit with code 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"wpgflow: error: {message} (see 'wpgflow --help')\n")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="wpgflow", description="Wasserstein policy-gradient flows of entropy-regularised MDPs.")
+    parser.add_argument("--version", action="version", version=f"wpgflow {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    run = sub.add_parser("run", help="run the experiment described by a TOML config")
+    run.add_argument("config", type=Path, help="experiment config (TOML), e.g. experiments/lqr_1d.toml")
+    run.add_argument("--out", type=Path, help="run directory (default: runs/<config stem>)")
+    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a config key, e.g. --set mdp.tau=0.5 --set flow.dt=0.02 (repeatable)")
+    run.add_argument("--force", action="store_true", help="overwrite an existing run directory")
+    run.add_argument("--quiet", action="store_true", help="no progress bar and no report")
+    plot = sub.add_parser("plot", help="redraw the plots of a run directory")
+    plot.add_argument("run_dir", type=Path)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "run":
+            return _run(args)
+        return _plot(args)
+    except ConfigError as exc:
+        print(f"wpgflow: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("wpgflow: interrupted", file=sys.stderr)
+        return 130
+
+
+def _run(args) -> int:
+    from . import config as config_module
+    from . import experiment, outputs, plots
+    from .observers import HistoryCSV, Progress, Snapshots
+
+    cfg = config_module.load(args.config, args.overrides)
+    out = args.out if args.out is not None else Path("runs") / args.config.stem
+    start = time.perf_counter()
+    problem = experiment.build(cfg)  # all validation happens before anything is written
+    setup_time = time.perf_counter() - start
+    outputs.prepare_run_dir(out, args.force)
+    outputs.write_config(out, cfg)
+    history = HistoryCSV(out)
+    snapshots = Snapshots(cfg.output.snapshots, cfg.flow.dt, cfg.flow.t_end)
+    observers = [history, snapshots]
+    progress = None if args.quiet else Progress(cfg.flow.t_end, problem.J_star)
+    if progress:
+        observers.append(progress)
+    try:
+        result = experiment.run(problem, observers)
+    finally:
+        history.close()
+        if progress:
+            progress.close()
+    snapshots.finish(result.final)
+    summary = experiment.summarise(problem, result, setup_time)
+    outputs.write_summary(out, summary)
+    outputs.write_solution(out, problem.mdp, problem.optimum, result.final, snapshots)
+    plots.plot_run(out)
+    if result.status == "failed":
+        print(f"wpgflow: run failed: {result.message}; results up to the failure are in {out}/", file=sys.stderr)
+        return 1
+    if not args.quiet:
+        print(_report(summary, out))
+    return 0
+
+
+def _report(s: dict, out: Path) -> str:
+    rate = "n/a" if s["rate"] is None else f"{s['rate']:.6g} (r^2 {s['rate_r2']:.5f})"
+    predicted = "n/a" if s["predicted_rate"] is None else f"{s['predicted_rate']:.6g}"
+    lines = [
+        f"{s['model']}: {s['n_states']} states x {s['n_action_dofs']} action DOFs, {s['status']} after "
+        f"{s['steps']} steps (t = {s['t_final']:.4g})",
+        f"  J* = {s['J_star']:.12g}   J = {s['J_final']:.12g}   gap {s['gap_initial']:.3e} -> {s['gap_final']:.3e}",
+        f"  rate: fitted {rate}, predicted asymptotic {predicted}",
+        f"  monotone: {s['monotone']}   max mass error {s['max_mass_error']:.1e}   min density {s['min_density']:.2e}",
+        f"  time per step {1e3 * (s['time_per_step_s'] or 0):.2f} ms, wall {s['wall_time_s']:.1f} s",
+        f"  results in {out}/",
+    ]
+    return "\n".join(lines)
+
+
+def _plot(args) -> int:
+    from .plots import plot_run
+
+    for written in plot_run(args.run_dir):
+        print(written)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

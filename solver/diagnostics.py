@@ -1,0 +1,117 @@
+"""Diagnostics of a flow: energy, gap, dissipation, KL to Gibbs, conservation, rates (math.md §4, §5.3, §8.6).
+
+* ``J = rho^T V^pi`` (mean over states), ``gap = J* - J``.
+* ``dissipation``: the predicted ``dJ/dt = rho^T (I - gamma P^pi)^{-1} D^h`` (one adjoint solve with the LU
+  of the policy evaluation). The plain ``rho . D^h`` is only a lower bound (math.md §4, pitfall).
+* ``kl_gibbs_max = max_s KL(pi_s || G^pi_s)``; ``tau`` times it is the Bellman residual ``T V^pi - V^pi``.
+* ``mass_error = max_s |sum_j w_j p_sj - 1|``, ``min_density = min p``.
+* :func:`fit_rate`: least-squares slope of ``log gap`` against ``t`` on the window ``[1e-10, 1e-5]``.
+* :func:`generator_gaps`: the smallest non-zero eigenvalue ``ell_s`` of ``-L_s`` per state; the asymptotic
+  rate of implicit Euler is ``2 log(1 + dt ell_min) / dt`` (math.md §5.3(e)).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.linalg as sla
+
+from . import bellman, flows
+from .mdp import MDP
+
+HISTORY_COLUMNS = ("t", "dt", "J", "gap", "dissipation", "kl_gibbs_max", "mass_error", "min_density")
+
+#: Fit window for the linear rate (math.md §8.6): above 1e-10 the gap is far from the round-off floor
+#: (~1e-13 |J|), below 1e-5 the flow is in its linear regime.
+RATE_WINDOW = (1e-10, 1e-5)
+
+
+def record(mdp: MDP, state: flows.FlowState, J_star: float, scheme: str = "sg") -> dict[str, float]:
+    """The history row of one flow state (keys :data:`HISTORY_COLUMNS`)."""
+    ev, p = state.evaluation, state.p
+    J = float(mdp.rho @ ev.V)
+    D = flows.dissipation(mdp, p, state.g, scheme)
+    log_g, _ = bellman.log_gibbs(mdp, ev.Q)
+    return {
+        "t": state.t,
+        "dt": state.dt,
+        "J": J,
+        "gap": J_star - J,
+        "dissipation": float(ev.resolvent_adjoint(mdp.rho) @ D),
+        "kl_gibbs_max": float(np.max(bellman.kl_divergence(mdp, p, log_g))),
+        "mass_error": float(np.max(np.abs(p @ mdp.weights - 1.0))),
+        "min_density": float(np.min(p)),
+    }
+
+
+@dataclass(frozen=True)
+class RateFit:
+    """``log gap ~ intercept - rate * t`` on the points with ``gap`` in ``window``."""
+
+    rate: float
+    intercept: float
+    r2: float
+    window: tuple[float, float]
+    t_range: tuple[float, float]
+    points: int
+
+
+def fit_rate(t: np.ndarray, gap: np.ndarray, window: tuple[float, float] = RATE_WINDOW) -> RateFit | None:
+    """Fit a linear rate to ``gap(t)``.
+
+    Uses the points with ``window[0] <= gap <= window[1]``. If fewer than three points fall there (a run
+    that stopped early or that cannot get below 1e-10), the last three decades above the final gap are used
+    instead, and the returned ``window`` says so. Returns None if no three positive gaps exist.
+    """
+    t, gap = np.asarray(t, float), np.asarray(gap, float)
+    inside = (gap >= window[0]) & (gap <= window[1])
+    if inside.sum() < 3:
+        positive = gap > 0
+        if positive.sum() < 3:
+            return None
+        last = gap[positive][-1]
+        window = (float(last), float(1e3 * last))
+        inside = positive & (gap >= window[0]) & (gap <= window[1])
+        if inside.sum() < 3:
+            return None
+    tt, y = t[inside], np.log(gap[inside])
+    slope, intercept = np.polyfit(tt, y, 1)
+    residual = y - (slope * tt + intercept)
+    total = np.sum((y - y.mean()) ** 2)
+    r2 = 1.0 - np.sum(residual ** 2) / total if total > 0 else 1.0
+    return RateFit(rate=float(-slope), intercept=float(intercept), r2=float(r2), window=window,
+                   t_range=(float(tt[0]), float(tt[-1])), points=int(inside.sum()))
+
+
+def generator_gaps(mdp: MDP, Q: np.ndarray, scheme: str = "sg") -> np.ndarray:
+    """Spectral gap ``ell_s`` of the frozen generator built from ``Q`` at every state, ``(N,)``.
+
+    ``-L`` is similar to the symmetric matrix ``S = W^{-1/2} A W^{-1/2}`` with off-diagonal
+    ``-tau omega_jk b(dg)/sqrt(w_j w_k)`` where ``b = (dg/2)/sinh(dg/2)`` (SG) or 1 (SQRA), evaluated without
+    forming ``exp(g)`` so that small ``tau`` cannot overflow.
+    """
+    space = mdp.space
+    g = flows.potential(mdp, Q)
+    fwd, bwd = flows.edge_rates(space, g, mdp.tau, scheme)
+    j, k = space.edges[:, 0], space.edges[:, 1]
+    w = space.weights
+    # symmetric coupling: fwd * exp(-dg/2) = bwd * exp(dg/2) = sqrt(fwd * bwd)
+    coupling = -np.sqrt(fwd * bwd) / np.sqrt(w[j] * w[k])
+    diag = fwd @ flows.incidence(j, space.n_dofs) / w + bwd @ flows.incidence(k, space.n_dofs) / w
+    if space.dim == 1 and space.bandwidth == 1:
+        order = np.argsort(j)
+        return np.array([sla.eigh_tridiagonal(d, c[order], select="i", select_range=(1, 1),
+                                              eigvals_only=True)[0] for d, c in zip(diag, coupling)])
+    gaps = []
+    for d, c in zip(diag, coupling):
+        S = np.diag(d)
+        S[j, k] = S[k, j] = c
+        gaps.append(sla.eigh(S, eigvals_only=True, subset_by_index=(1, 1))[0])
+    return np.array(gaps)
+
+
+def implicit_euler_rate(ell: float, dt: float) -> float:
+    """Asymptotic gap rate of implicit Euler with a slowest mode ``ell``: ``2 log(1 + dt ell) / dt``."""
+    return 2.0 * math.log1p(dt * ell) / dt

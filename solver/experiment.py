@@ -1,0 +1,186 @@
+"""An experiment end to end: config -> model -> MDP -> optimum -> flow loop -> summary.
+
+The flow generator (:func:`solver.flows.wasserstein_flow`) only steps. :func:`run` consumes it, computes
+the diagnostics row of every state, hands ``(row, state)`` to observers (history file, snapshots, progress
+bar) and stops at ``flow.t_end`` or when ``gap <= flow.gap_tol``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+import numpy as np
+import scipy
+
+from . import __version__, bellman, diagnostics, fem, flows, models, oracles
+from .config import Config, ConfigError
+from .mdp import MDP, build_mdp
+
+Observer = Callable[[dict, flows.FlowState], None]
+
+#: J may decrease by round-off only: ~1e-13 |J| (math.md §8.6); larger decreases break monotonicity.
+MONOTONE_TOLERANCE = 1e-12
+
+
+@dataclass
+class Problem:
+    """Everything fixed before the flow starts."""
+
+    config: Config
+    model: models.Model
+    mdp: MDP
+    optimum: bellman.Optimum
+
+    @property
+    def J_star(self) -> float:
+        return float(self.mdp.rho @ self.optimum.V)
+
+
+def build(config: Config) -> Problem:
+    """Mesh the action domain, build the model and the discrete MDP, and solve for ``pi*`` by SPI."""
+    model = models.build(config.mdp.model, config.mdp.params)
+    states = state_grid(config, model)
+    a = config.actions
+    space = fem.interval_space(a.lower, a.upper, a.cells)
+    mdp = build_mdp(model, states, space, config.mdp.gamma, config.mdp.tau, a.reference, a.reference_std)
+    return Problem(config=config, model=model, mdp=mdp, optimum=bellman.soft_policy_iteration(mdp))
+
+
+def state_grid(config: Config, model: models.Model) -> np.ndarray:
+    st = config.states
+    if model.single_state:
+        if st is not None and st.n != 1:
+            raise ConfigError(f"states.n: model {config.mdp.model!r} has one state; use n = 1 or omit [states]")
+        return np.array([0.0 if st is None else 0.5 * (st.lower + st.upper)])
+    if st is None:
+        raise ConfigError(f"states: model {config.mdp.model!r} needs a [states] table (lower, upper, n)")
+    if st.n < 2:
+        raise ConfigError(f"states.n: model {config.mdp.model!r} needs n >= 2 states (got {st.n})")
+    return np.linspace(st.lower, st.upper, st.n)
+
+
+def initial_policy(config: Config, mdp: MDP) -> np.ndarray:
+    """``(N, M)`` initial density: uniform, or a Gaussian ``N(init_mean, init_std^2)`` renormalised on the mesh."""
+    f = config.flow
+    if f.init == "uniform":
+        return bellman.uniform_policy(mdp)
+    a = mdp.space.coords[:, 0]
+    density = np.exp(-0.5 * ((a - f.init_mean) / f.init_std) ** 2)
+    total = density @ mdp.weights
+    if not total > 0:
+        raise ConfigError(f"flow.init_mean: the initial Gaussian has no mass on the action domain "
+                          f"(mean {f.init_mean}, std {f.init_std})")
+    return np.tile(density / total, (mdp.n_states, 1))
+
+
+def flow_states(problem: Problem) -> Iterable[flows.FlowState]:
+    f = problem.config.flow
+    adaptive = flows.Adaptive(tol=f.adapt_tol, dt_max=f.dt_max) if f.adaptive else None
+    return flows.wasserstein_flow(problem.mdp, initial_policy(problem.config, problem.mdp), f.dt, f.scheme,
+                                  adaptive, t_end=f.t_end)
+
+
+@dataclass
+class RunResult:
+    """What a run produced: the history rows, the last flow state and the loop's wall time."""
+
+    rows: list[dict] = field(default_factory=list)
+    final: flows.FlowState | None = None
+    loop_time: float = 0.0
+    status: str = "running"
+    message: str = ""
+
+
+def run(problem: Problem, observers: Iterable[Observer] = ()) -> RunResult:
+    """Run the flow until ``t_end`` or ``gap <= gap_tol``; non-finite values end it with status "failed"."""
+    f = problem.config.flow
+    result = RunResult()
+    J_star = problem.J_star
+    start = time.perf_counter()
+    try:
+        for state in flow_states(problem):
+            row = diagnostics.record(problem.mdp, state, J_star, f.scheme)
+            result.rows.append(row)
+            result.final = state
+            for observe in observers:
+                observe(row, state)
+            if row["gap"] <= f.gap_tol:
+                result.status = "converged"
+                break
+        else:
+            result.status = "t_end"
+    except flows.NumericalError as exc:
+        result.status, result.message = "failed", str(exc)
+    result.loop_time = time.perf_counter() - start
+    return result
+
+
+def summarise(problem: Problem, result: RunResult, setup_time: float) -> dict:
+    """The ``summary.json`` dictionary (keys documented in the README)."""
+    cfg, mdp, opt = problem.config, problem.mdp, problem.optimum
+    rows = result.rows
+    t = np.array([r["t"] for r in rows])
+    J = np.array([r["J"] for r in rows])
+    gap = np.array([r["gap"] for r in rows])
+    decreases = -np.diff(J)
+    max_decrease = float(decreases.max()) if decreases.size else 0.0
+    fit = diagnostics.fit_rate(t, gap)
+    ell = diagnostics.generator_gaps(mdp, opt.Q, cfg.flow.scheme)
+    ell_min = float(ell.min()) if mdp.n_actions > 1 else math.nan
+    steps = len(rows) - 1
+    summary = {
+        "status": result.status,
+        "message": result.message,
+        "model": cfg.mdp.model,
+        "reference_measure": f"{cfg.actions.reference} (unnormalised)" if cfg.actions.reference == "lebesgue"
+        else f"gaussian N(0, {cfg.actions.reference_std}^2), untruncated normalisation",
+        "n_states": mdp.n_states,
+        "n_action_dofs": mdp.n_actions,
+        "J_star": problem.J_star,
+        "J_initial": float(J[0]),
+        "J_final": float(J[-1]),
+        "gap_initial": float(gap[0]),
+        "gap_final": float(gap[-1]),
+        "rate": fit.rate if fit else None,
+        "rate_r2": fit.r2 if fit else None,
+        "rate_window": list(fit.window) if fit else None,
+        "rate_t_range": list(fit.t_range) if fit else None,
+        "ell_min": ell_min,
+        "predicted_rate": (2 * ell_min if cfg.flow.adaptive else diagnostics.implicit_euler_rate(ell_min, cfg.flow.dt))
+        if math.isfinite(ell_min) else None,
+        "steps": steps,
+        "t_final": float(t[-1]),
+        "setup_time_s": setup_time,
+        "wall_time_s": setup_time + result.loop_time,
+        "time_per_step_s": result.loop_time / steps if steps else None,
+        "monotone": bool(max_decrease <= MONOTONE_TOLERANCE * max(1.0, float(np.max(np.abs(J))))),
+        "max_decrease": max(max_decrease, 0.0),
+        "max_mass_error": float(max(r["mass_error"] for r in rows)),
+        "min_density": float(min(r["min_density"] for r in rows)),
+        "spi_iterations": opt.iterations,
+        "bellman_residual": opt.residual,
+        "versions": {"wpgflow": __version__, "dolfinx": fem.dolfinx_version(), "numpy": np.__version__,
+                     "scipy": scipy.__version__},
+    }
+    summary.update(oracle_comparison(problem))
+    return summary
+
+
+def oracle_comparison(problem: Problem) -> dict:
+    """For ``lqr``, the closed form of math.md §7.1 and the discrete optimum's distance to it."""
+    cfg = problem.config
+    if cfg.mdp.model != "lqr":
+        return {}
+    params = {"A": 0.9, "B": 0.5, "q": 1.0, "r": 0.5, "sigma": 0.3} | cfg.mdp.params
+    std = cfg.actions.reference_std if cfg.actions.reference == "gaussian" else None
+    exact = oracles.lqr_optimum(**params, gamma=cfg.mdp.gamma, tau=cfg.mdp.tau, reference_std=std)
+    states = problem.mdp.states
+    interior = np.abs(states) <= 2.0  # math.md §8.3: far from the truncated action and state boundaries
+    error = np.abs(problem.optimum.V - exact.value(states))[interior]
+    return {"oracle": exact.as_dict() | {
+        "rate_continuous": exact.wpg_rate(),
+        "rate_implicit_euler": exact.wpg_rate(None if cfg.flow.adaptive else cfg.flow.dt),
+        "V_star_max_error_interior": float(error.max()) if error.size else None}}
