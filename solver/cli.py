@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from . import __version__
+from .bellman import ConvergenceError
 from .config import ConfigError
 
 
@@ -47,6 +48,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"wpgflow: error: {exc}", file=sys.stderr)
         return 2
+    except ConvergenceError as exc:
+        print(f"wpgflow: error: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("wpgflow: interrupted", file=sys.stderr)
         return 130

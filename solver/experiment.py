@@ -46,6 +46,8 @@ def build(config: Config) -> Problem:
     a = config.actions
     space = fem.interval_space(a.lower, a.upper, a.cells)
     mdp = build_mdp(model, states, space, config.mdp.gamma, config.mdp.tau, a.reference, a.reference_std)
+    if not np.all(np.isfinite(mdp.reward)):
+        raise ConfigError(f"mdp.model: the reward of {config.mdp.model!r} is not finite on the state/action grid")
     return Problem(config=config, model=model, mdp=mdp, optimum=bellman.soft_policy_iteration(mdp))
 
 

@@ -193,10 +193,9 @@ def wasserstein_flow(mdp: MDP, p0: np.ndarray, dt: float, scheme: str = "sg", ad
     """
     space = mdp.space
     p = p0
-    ev = bellman.evaluate(mdp, p)
-    g = potential(mdp, ev.Q)
     t, n = 0.0, 0
-    _check_finite(p, ev, n, t)
+    ev = _evaluate_checked(mdp, p, n, t)
+    g = potential(mdp, ev.Q)
     yield FlowState(step=0, t=0.0, dt=0.0, p=p, evaluation=ev, g=g)
     masses = p * space.weights
     previous_increment, previous_dt = None, None
@@ -221,12 +220,20 @@ def wasserstein_flow(mdp: MDP, p0: np.ndarray, dt: float, scheme: str = "sg", ad
         p = masses / space.weights
         t += h
         n += 1
-        ev = bellman.evaluate(mdp, p)
+        ev = _evaluate_checked(mdp, p, n, t)
         g = potential(mdp, ev.Q)
-        _check_finite(p, ev, n, t)
         yield FlowState(step=n, t=t, dt=h, p=p, evaluation=ev, g=g, rejected=rejected)
 
 
-def _check_finite(p: np.ndarray, ev: bellman.Evaluation, step: int, t: float) -> None:
-    if not (np.all(np.isfinite(p)) and np.all(np.isfinite(ev.V)) and np.all(np.isfinite(ev.Q))):
-        raise NumericalError(f"non-finite values in the policy or its values at step {step} (t = {t:.6g})")
+def _evaluate_checked(mdp: MDP, p: np.ndarray, step: int, t: float) -> bellman.Evaluation:
+    """Policy evaluation, refusing non-finite policies, values or a singular Bellman system."""
+    where = f"at step {step} (t = {t:.6g})"
+    if not np.all(np.isfinite(p)):
+        raise NumericalError(f"non-finite values in the policy {where}")
+    try:
+        ev = bellman.evaluate(mdp, p)
+    except RuntimeError as exc:  # SuperLU: singular I - gamma P^pi
+        raise NumericalError(f"policy evaluation failed {where}: {exc}") from None
+    if not (np.all(np.isfinite(ev.V)) and np.all(np.isfinite(ev.Q))):
+        raise NumericalError(f"non-finite values in V or Q {where}")
+    return ev
