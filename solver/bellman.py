@@ -18,6 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import scipy.linalg as sla
 import scipy.sparse as sp
 import scipy.sparse.linalg as spla
 
@@ -36,7 +37,7 @@ class Evaluation:
 
     V: np.ndarray
     Q: np.ndarray
-    lu: spla.SuperLU
+    lu: "ResolventLU"
 
     def resolvent_adjoint(self, rho: np.ndarray) -> np.ndarray:
         """``x = (I - gamma P^pi)^{-T} rho``, so that ``rho^T (I - gamma P^pi)^{-1} D = x . D``.
@@ -46,12 +47,32 @@ class Evaluation:
         return self.lu.solve(rho, trans="T")
 
 
+#: Below this many states ``I - gamma P^pi`` is factorised densely (LAPACK beats SuperLU's overhead).
+DENSE_STATES = 1500
+
+
+class ResolventLU:
+    """LU factorisation of ``I - gamma P^pi`` with ``solve(b, trans="N" | "T")``; dense or sparse by size."""
+
+    def __init__(self, P: sp.csr_matrix, gamma: float):
+        n = P.shape[0]
+        if n <= DENSE_STATES:
+            self._dense = sla.lu_factor(np.eye(n) - gamma * P.toarray(), check_finite=False)
+        else:
+            self._dense = None
+            self._sparse = spla.splu(sp.identity(n, format="csc") - gamma * P.tocsc())
+
+    def solve(self, b: np.ndarray, trans: str = "N") -> np.ndarray:
+        if self._dense is not None:
+            return sla.lu_solve(self._dense, b, trans=0 if trans == "N" else 1, check_finite=False)
+        return self._sparse.solve(b, trans=trans)
+
+
 def evaluate(mdp: MDP, p: np.ndarray) -> Evaluation:
     """Soft policy evaluation: ``V^pi`` from ``(I - gamma P^pi) V = r^pi`` and ``Q^pi = R + gamma T V^pi``."""
     masses = p * mdp.weights
     r_pi = np.einsum("ij,ij->i", masses, mdp.reward) - mdp.tau * kl_divergence(mdp, p, mdp.log_mu)
-    A = sp.identity(mdp.n_states, format="csc") - mdp.gamma * mdp.kernel.policy_matrix(masses).tocsc()
-    lu = spla.splu(A)
+    lu = ResolventLU(mdp.kernel.policy_matrix(masses), mdp.gamma)
     V = lu.solve(r_pi)
     return Evaluation(V=V, Q=q_values(mdp, V), lu=lu)
 

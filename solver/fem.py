@@ -54,6 +54,13 @@ class ActionSpace:
         return self.coords.shape[1]
 
     @property
+    def is_chain(self) -> bool:
+        """True for a 1D mesh numbered left to right: edges are exactly ``(0, 1), (1, 2), ...``."""
+        e = self.edges
+        return self.dim == 1 and e.shape[0] == self.n_dofs - 1 and bool(
+            np.all(e[:, 0] == np.arange(e.shape[0])) and np.all(e[:, 1] == e[:, 0] + 1))
+
+    @property
     def volume(self) -> float:
         return float(self.weights.sum())
 

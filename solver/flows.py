@@ -45,11 +45,9 @@ SCHEMES = ("sg", "sqra")
 
 def bernoulli(x: np.ndarray) -> np.ndarray:
     """``B(x) = x / (e^x - 1)`` with ``B(0) = 1``, without overflow for large ``|x|``."""
-    out = np.ones_like(x)
-    pos, neg = x > 0, x < 0
-    xp, xn = x[pos], x[neg]
-    out[pos] = xp * np.exp(-xp) / -np.expm1(-xp)
-    out[neg] = xn / np.expm1(xn)
+    with np.errstate(over="ignore", invalid="ignore"):  # x / inf = 0 for x > 709; 0 / 0 patched below
+        out = x / np.expm1(x)
+    out[x == 0] = 1.0
     return out
 
 
@@ -108,15 +106,20 @@ def implicit_step(space: ActionSpace, masses: np.ndarray, g: np.ndarray, tau: fl
     j, k = space.edges[:, 0], space.edges[:, 1]
     fwd, bwd = edge_rates(space, g, tau, scheme)
     w = space.weights
-    out_j = dt * fwd / w[j]  # (N, E)
+    out_j = dt * fwd / w[j]  # (N, E): rate of mass leaving j towards k, times dt
     out_k = dt * bwd / w[k]
-    diag = 1.0 + out_j @ incidence(j, m) + out_k @ incidence(k, m)  # column sums of -dt L, plus 1
-    ab = np.zeros((2 * bw + 1, n * m))
-    offset = (np.arange(n) * m)[:, None]
-    ab[bw] = diag.ravel()
-    ab[bw + (k - j)[None, :], offset + j] = -out_j  # A[k, j]
-    ab[bw + (j - k)[None, :], offset + k] = -out_k  # A[j, k]
-    new = sla.solve_banded((bw, bw), ab, masses.ravel(), overwrite_ab=True, check_finite=False)
+    ab = np.zeros((2 * bw + 1, n, m))
+    if space.is_chain:  # 1D: edges (0, 1), (1, 2), ...; plain slices instead of scatters
+        ab[bw] = 1.0
+        ab[bw, :, :-1] += out_j
+        ab[bw, :, 1:] += out_k
+        ab[bw + 1, :, :-1] = -out_j  # A[j + 1, j]
+        ab[bw - 1, :, 1:] = -out_k  # A[j, j + 1]
+    else:
+        ab[bw] = 1.0 + out_j @ incidence(j, m) + out_k @ incidence(k, m)  # 1 + column sums of -dt L
+        ab[bw + (k - j), :, j] = -out_j.T  # A[k, j]
+        ab[bw + (j - k), :, k] = -out_k.T  # A[j, k]
+    new = sla.solve_banded((bw, bw), ab.reshape(2 * bw + 1, n * m), masses.ravel(), overwrite_ab=True, check_finite=False)
     return new.reshape(n, m)
 
 
@@ -232,7 +235,7 @@ def _evaluate_checked(mdp: MDP, p: np.ndarray, step: int, t: float) -> bellman.E
         raise NumericalError(f"non-finite values in the policy {where}")
     try:
         ev = bellman.evaluate(mdp, p)
-    except RuntimeError as exc:  # SuperLU: singular I - gamma P^pi
+    except (RuntimeError, ValueError, np.linalg.LinAlgError) as exc:  # singular or non-finite I - gamma P^pi
         raise NumericalError(f"policy evaluation failed {where}: {exc}") from None
     if not (np.all(np.isfinite(ev.V)) and np.all(np.isfinite(ev.Q))):
         raise NumericalError(f"non-finite values in V or Q {where}")

@@ -26,6 +26,10 @@ from .models import Model
 #: below double-precision round-off relative to the window's peak.
 KERNEL_REACH = 9.0
 
+#: Largest dense per-state band of the kernel (``N * M * band`` doubles) kept for BLAS products; larger
+#: kernels use the windowed storage alone.
+DENSE_BAND_BYTES = 256 * 2 ** 20
+
 
 class GaussianGridKernel:
     """``T_ijk ∝ exp(-(s_k - f_ij)^2 / (2 sigma^2))`` on a uniform grid, renormalised over the grid.
@@ -64,14 +68,21 @@ class GaussianGridKernel:
         self.matrix = sp.csr_matrix((values.ravel(), cols.ravel(), np.arange(0, rows * width + 1, width)),
                                     shape=(rows, n))
         self._values = values
-        # Row i of P^pi touches columns [lo_i, lo_i + band): a dense band per row, filled by bincount.
+        # Row i of P^pi touches only columns [lo_i, lo_i + band).
         lo = start.min(axis=1)
         band = int((start.max(axis=1) - lo).max()) + width
         lo = np.minimum(lo, n - band)
         self._band, self._lo = band, lo
-        local = cols - lo[:, None, None]
-        self._scatter = (np.arange(mean.shape[0])[:, None, None] * band + local).ravel()
         self._band_cols = (lo[:, None] + np.arange(band)).ravel()
+        local = cols - lo[:, None, None]
+        if values.size * band / width * 8 <= DENSE_BAND_BYTES:
+            # Small problems (all of 1D): scatter the windows into a dense (N, M, band) array once; the
+            # contraction over actions is then one einsum instead of a scatter-add.
+            self._dense = np.zeros(mean.shape + (band,))
+            np.put_along_axis(self._dense, local, values, axis=-1)
+        else:
+            self._dense = None
+            self._scatter = (np.arange(mean.shape[0])[:, None, None] * band + local).ravel()
 
     def expect(self, V: np.ndarray) -> np.ndarray:
         """``(T V)_ij = sum_k T_ijk V_k``, shape ``(N, M)``."""
@@ -80,8 +91,11 @@ class GaussianGridKernel:
     def policy_matrix(self, masses: np.ndarray) -> sp.csr_matrix:
         """``P^pi_ik = sum_j m_ij T_ijk`` for action masses ``m`` ``(N, M)``, as a sparse ``(N, N)`` matrix."""
         n, band = self.shape[0], self._band
-        data = np.bincount(self._scatter, weights=(masses[..., None] * self._values).ravel(),
-                           minlength=n * band)
+        if self._dense is not None:
+            data = np.einsum("ij,ijb->ib", masses, self._dense).ravel()
+        else:
+            data = np.bincount(self._scatter, weights=(masses[..., None] * self._values).ravel(),
+                               minlength=n * band)
         return sp.csr_matrix((data, self._band_cols, np.arange(0, n * band + 1, band)), shape=(n, n))
 
 

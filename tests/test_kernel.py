@@ -1,7 +1,9 @@
 """The windowed Gaussian grid kernel against a brute-force dense tensor (math.md §2, §7.5.4)."""
 
 import numpy as np
+import pytest
 
+from solver import mdp as mdp_module
 from solver.mdp import GaussianGridKernel
 
 
@@ -11,7 +13,10 @@ def dense_kernel(states, mean, sigma):
     return T / T.sum(axis=-1, keepdims=True)
 
 
-def test_windowed_kernel_equals_dense_tensor():
+@pytest.mark.parametrize("dense_band", [True, False], ids=["dense-band", "windowed"])
+def test_windowed_kernel_equals_dense_tensor(monkeypatch, dense_band):
+    if not dense_band:  # the storage used for large state grids
+        monkeypatch.setattr(mdp_module, "DENSE_BAND_BYTES", 0)
     rng = np.random.default_rng(0)
     states = np.linspace(-3, 3, 61)
     mean = rng.uniform(-5, 5, size=(61, 17))  # includes means far outside the grid
