@@ -205,7 +205,9 @@ def wasserstein_flow(mdp: MDP, p0: np.ndarray, dt: float, scheme: str = "sg", ad
     while t < t_end * (1 - 1e-12):
         rejected = 0
         while True:
-            h = min(dt, t_end - t)
+            # fixed steps land on t = n dt exactly, without accumulating round-off in t
+            t_new = min(t + dt if adaptive is not None else (n + 1) * dt, t_end)
+            h = t_new - t
             new_masses = implicit_step(space, masses, g, mdp.tau, h, scheme)
             if adaptive is None or previous_increment is None:
                 break
@@ -221,7 +223,7 @@ def wasserstein_flow(mdp: MDP, p0: np.ndarray, dt: float, scheme: str = "sg", ad
             previous_increment, previous_dt = new_masses - masses, h
         masses = new_masses
         p = masses / space.weights
-        t += h
+        t = t_new
         n += 1
         ev = _evaluate_checked(mdp, p, n, t)
         g = potential(mdp, ev.Q)
