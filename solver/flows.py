@@ -119,7 +119,8 @@ def implicit_step(space: ActionSpace, masses: np.ndarray, g: np.ndarray, tau: fl
         ab[bw] = 1.0 + out_j @ incidence(j, m) + out_k @ incidence(k, m)  # 1 + column sums of -dt L
         ab[bw + (k - j), :, j] = -out_j.T  # A[k, j]
         ab[bw + (j - k), :, k] = -out_k.T  # A[j, k]
-    new = sla.solve_banded((bw, bw), ab.reshape(2 * bw + 1, n * m), masses.ravel(), overwrite_ab=True, check_finite=False)
+    new = sla.solve_banded((bw, bw), ab.reshape(2 * bw + 1, n * m), masses.ravel(), overwrite_ab=True,
+                           check_finite=False)
     return new.reshape(n, m)
 
 
