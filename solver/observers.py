@@ -58,13 +58,13 @@ class Snapshots:
 
 
 class Progress:
-    """A tqdm progress bar over flow time, showing the gap; silent when not attached to a terminal is fine."""
+    """A tqdm progress bar (on stderr) over flow time, showing the current gap."""
 
     def __init__(self, t_end: float, J_star: float):
         from tqdm import tqdm
 
-        self._bar = tqdm(total=t_end, unit="t", desc="flow", dynamic_ncols=True,
-                         bar_format="{desc}: {percentage:3.0f}%|{bar}| t={n:.3g}/{total:.3g} [{elapsed}<{remaining}] {postfix}")
+        layout = "{desc}: {percentage:3.0f}%|{bar}| t={n:.3g}/{total:.3g} [{elapsed}<{remaining}] {postfix}"
+        self._bar = tqdm(total=t_end, unit="t", desc="flow", dynamic_ncols=True, bar_format=layout)
         self._t = 0.0
 
     def __call__(self, row: dict, state: FlowState) -> None:
