@@ -71,7 +71,7 @@ def _run(args) -> int:
     history = HistoryCSV(out)
     snapshots = Snapshots(cfg.output.snapshots, cfg.flow.dt, cfg.flow.t_end)
     observers = [history, snapshots]
-    progress = None if args.quiet else Progress(cfg.flow.t_end, problem.J_star)
+    progress = None if args.quiet else Progress(cfg.flow.t_end)
     if progress:
         observers.append(progress)
     try:

@@ -210,9 +210,11 @@ def wasserstein_flow(mdp: MDP, p0: np.ndarray, dt: float, scheme: str = "sg", ad
             t_new = min(t + dt if adaptive is not None else (n + 1) * dt, t_end)
             h = t_new - t
             new_masses = implicit_step(space, masses, g, mdp.tau, h, scheme)
-            if adaptive is None or previous_increment is None:
+            if adaptive is None:
                 break
             increment = new_masses - masses
+            if previous_increment is None:
+                break
             err = 0.5 * np.max(np.sum(np.abs(increment - (h / previous_dt) * previous_increment), axis=1))
             factor = 0.9 * math.sqrt(adaptive.tol / err) if err > 0 else 2.0
             if err <= adaptive.tol or h <= 1e-12 * max(1.0, t):
@@ -221,7 +223,7 @@ def wasserstein_flow(mdp: MDP, p0: np.ndarray, dt: float, scheme: str = "sg", ad
             dt = h * max(0.2, factor)
             rejected += 1
         if adaptive is not None:
-            previous_increment, previous_dt = new_masses - masses, h
+            previous_increment, previous_dt = increment, h
         masses = new_masses
         p = masses / space.weights
         t = t_new

@@ -72,7 +72,7 @@ class GaussianGridKernel:
         lo = start.min(axis=1)
         band = int((start.max(axis=1) - lo).max()) + width
         lo = np.minimum(lo, n - band)
-        self._band, self._lo = band, lo
+        self._band = band
         self._band_cols = (lo[:, None] + np.arange(band)).ravel()
         local = cols - lo[:, None, None]
         if values.size * band / width * 8 <= DENSE_BAND_BYTES:

@@ -60,7 +60,7 @@ class Snapshots:
 class Progress:
     """A tqdm progress bar (on stderr) over flow time, showing the current gap."""
 
-    def __init__(self, t_end: float, J_star: float):
+    def __init__(self, t_end: float):
         from tqdm import tqdm
 
         layout = "{desc}: {percentage:3.0f}%|{bar}| t={n:.3g}/{total:.3g} [{elapsed}<{remaining}] {postfix}"
