@@ -97,6 +97,20 @@ def interval_space(lower: float, upper: float, cells: int) -> ActionSpace:
         return _space_from_mesh(mesh)
 
 
+def rectangle_space(lower: tuple[float, float], upper: tuple[float, float], cells: tuple[int, int]) -> ActionSpace:
+    """P1 space on a structured triangulation of the rectangle ``[lower, upper]`` (``cells`` per side).
+
+    The "crossed" diagonal pattern (four right triangles per square) is Delaunay for any aspect ratio.
+    """
+    from mpi4py import MPI
+    import dolfinx.mesh
+
+    with _quiet_jit():
+        mesh = dolfinx.mesh.create_rectangle(MPI.COMM_SELF, [np.asarray(lower, float), np.asarray(upper, float)],
+                                             list(cells), diagonal=dolfinx.mesh.DiagonalType.crossed)
+        return _space_from_mesh(mesh)
+
+
 def _space_from_mesh(mesh) -> ActionSpace:
     import dolfinx.fem
     import ufl
