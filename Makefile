@@ -8,7 +8,7 @@ SYSPY     := /usr/bin/python3
 DEB_PKGS  := python3-dolfinx-real python3-scipy python3-matplotlib python3-pytest python3-tqdm python3-venv python3-pip
 SYS_CHECK := import dolfinx, scipy, matplotlib, tqdm, pytest, ensurepip
 
-.PHONY: setup system-deps run test bench clean
+.PHONY: setup system-deps run test bench meshes clean
 
 setup: $(WPGFLOW)
 
@@ -31,6 +31,12 @@ test: setup
 
 bench: setup
 	$(PY) benchmarks/bench_lqr_1d.py
+
+# Regenerate meshes/*.xdmf from meshes/*.geo (needs Debian's gmsh and python3-meshio; runs do not).
+meshes:
+	@command -v gmsh >/dev/null && $(SYSPY) -c "import meshio" 2>/dev/null || { \
+	  echo "make meshes needs gmsh and python3-meshio: apt-get install gmsh python3-meshio"; exit 1; }
+	$(SYSPY) meshes/generate.py
 
 clean:
 	rm -rf $(VENV) runs *.egg-info

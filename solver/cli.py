@@ -1,4 +1,4 @@
-"""Command line: ``wpgflow run CONFIG`` and ``wpgflow plot RUN_DIR``.
+"""Command line: ``wpgflow run CONFIG``, ``wpgflow plot RUN_DIR`` and ``wpgflow sweep CONFIG`` (:mod:`solver.sweep`).
 
 Exit codes: 0 success; 1 the run failed numerically (what was computed is kept); 2 bad input (one line on
 stderr naming the key and what is allowed; nothing is written).
@@ -36,6 +36,18 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--quiet", action="store_true", help="no progress bar and no report")
     plot = sub.add_parser("plot", help="redraw the plots of a run directory")
     plot.add_argument("run_dir", type=Path)
+    sweep = sub.add_parser("sweep", help="run a grid of runs (parameter values x flow kinds) in parallel processes")
+    sweep.add_argument("config", type=Path, help="experiment config (TOML), e.g. experiments/sweep_tau_lqr.toml")
+    sweep.add_argument("--param", metavar="KEY=V1,V2,...",
+                       help="swept key and values, e.g. mdp.tau=0.05,0.1,0.2 (default: the config's [sweep] table)")
+    sweep.add_argument("--kinds", metavar="K1,K2",
+                       help="flow kinds, e.g. wasserstein,fisher_rao (default: [sweep].kinds, else flow.kind)")
+    sweep.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a config key in every run (repeatable)")
+    sweep.add_argument("--out", type=Path, help="sweep directory (default: runs/<config stem>)")
+    sweep.add_argument("--jobs", type=int, help="parallel worker processes (default and maximum: the number of cores)")
+    sweep.add_argument("--force", action="store_true", help="overwrite existing run directories and sweep files")
+    sweep.add_argument("--quiet", action="store_true", help="no per-run progress lines and no report")
     return parser
 
 
@@ -44,6 +56,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "run":
             return _run(args)
+        if args.command == "sweep":
+            from .sweep import command
+            return command(args)
         return _plot(args)
     except ConfigError as exc:
         print(f"wpgflow: error: {exc}", file=sys.stderr)
@@ -58,20 +73,37 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args) -> int:
     from . import config as config_module
-    from . import experiment, outputs, plots
-    from .observers import HistoryCSV, Progress, Snapshots
 
     cfg = config_module.load(args.config, args.overrides)
     out = args.out if args.out is not None else Path("runs") / args.config.stem
+    summary = execute(cfg, out, args.force, progress_bar=not args.quiet)
+    if summary["status"] == "failed":
+        print(f"wpgflow: run failed: {summary['message']}; results up to the failure are in {out}/", file=sys.stderr)
+        return 1
+    if not args.quiet:
+        print(_report(summary, out))
+    return 0
+
+
+def execute(cfg, out: Path, force: bool = False, progress_bar: bool = False) -> dict:
+    """One run, config to run directory: build, flow, write every file of ``out``; return ``summary.json``'s dict.
+
+    This is all of ``wpgflow run`` after the config is loaded (``wpgflow sweep`` calls it once per run).
+    Raises :class:`ConfigError` / :class:`ConvergenceError` before anything is written; a numerical failure
+    of the flow is reported as ``summary["status"] == "failed"`` with the files up to the failure written.
+    """
+    from . import experiment, lsi, outputs, plots
+    from .observers import HistoryCSV, Progress, Snapshots
+
     start = time.perf_counter()
     problem = experiment.build(cfg)  # all validation happens before anything is written
     setup_time = time.perf_counter() - start
-    outputs.prepare_run_dir(out, args.force)
+    outputs.prepare_run_dir(out, force)
     outputs.write_config(out, cfg)
     history = HistoryCSV(out)
     snapshots = Snapshots(cfg.output.snapshots, cfg.flow.dt, cfg.flow.t_end)
     observers = [history, snapshots]
-    progress = None if args.quiet else Progress(cfg.flow.t_end)
+    progress = Progress(cfg.flow.t_end) if progress_bar else None
     if progress:
         observers.append(progress)
     try:
@@ -81,16 +113,15 @@ def _run(args) -> int:
         if progress:
             progress.close()
     snapshots.finish(result.final)
-    summary = experiment.summarise(problem, result, setup_time)
+    along = None
+    if cfg.flow.kind == "wasserstein" and result.rows and problem.mdp.n_actions > 1:
+        along = lsi.along_flow(problem, snapshots.times, snapshots.policies)  # math.md §5.3(c)
+        lsi.write_rates(out, along)
+    summary = experiment.summarise(problem, result, setup_time, along)
     outputs.write_summary(out, summary)
     outputs.write_solution(out, problem.mdp, problem.optimum, result.final, snapshots)
     plots.plot_run(out)
-    if result.status == "failed":
-        print(f"wpgflow: run failed: {result.message}; results up to the failure are in {out}/", file=sys.stderr)
-        return 1
-    if not args.quiet:
-        print(_report(summary, out))
-    return 0
+    return summary
 
 
 def _report(s: dict, out: Path) -> str:

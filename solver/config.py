@@ -4,10 +4,28 @@ Schema (every key optional unless marked *required*; defaults in :data:`SCHEMA`)
 
     [mdp]     model*, gamma*, tau*, params = {...}
     [states]  lower, upper, n                       (omit for one-state models such as "bandit")
-    [actions] lower*, upper*, cells, reference = "lebesgue" | "gaussian", reference_std
-    [flow]    kind = "wasserstein", scheme = "sg" | "sqra", dt, t_end, adaptive, adapt_tol, dt_max,
-              gap_tol, init = "uniform" | "gaussian", init_mean, init_std
+    [actions] domain, lower, upper, cells, resolution, radius, scale, center,
+              reference = "lebesgue" | "gaussian", reference_std
+    [flow]    kind = "wasserstein" | "fisher_rao" | "policy_iteration" | "particles", scheme = "sg" | "sqra",
+              dt, t_end, adaptive, adapt_tol, dt_max, gap_tol, init = "uniform" | "gaussian", init_mean,
+              init_std, particles, seed
     [output]  snapshots
+    [sweep]   param*, values*, kinds          (read by ``wpgflow sweep`` only; ``wpgflow run`` ignores it)
+
+The action domain ``[actions] domain`` (default "interval") decides which other keys of ``[actions]`` apply
+(any other is a ConfigError; see :func:`_check_actions`)::
+
+    "interval"                     lower*, upper* (numbers), cells (int >= 2, default 256): uniform 1D mesh
+    "rectangle"                    lower*, upper* (2-vectors [x, y]), cells (int n or [nx, ny], default 16):
+                                   DOLFINx's structured crossed-diagonal mesh of the box
+    "disk"                         radius (default 1), center (default [0, 0]), resolution: the shipped mesh
+                                   meshes/disk_<resolution>.xdmf of the unit disk, mapped by a -> center + radius a
+    "lshape", "annulus"            scale (default 1), center, resolution: meshes/<domain>_<resolution>.xdmf
+                                   ([-1, 1]^2 minus (0, 1]^2; 1/2 <= |a| <= 1), mapped by a -> center + scale a
+    "<path>.xdmf"                  scale, center: any XDMF triangle mesh (path relative to the working directory)
+
+``resolution`` is "coarse" (default) or "fine" (meshes/README.md lists their sizes). Keys a domain does not use
+are left None (and not written to the run's ``config.toml``).
 
 Config strings are data: a model name is looked up in a registry or imported as
 ``package.module:function`` by :mod:`solver.models`; nothing is ever passed to ``eval``/``exec``.
@@ -18,7 +36,7 @@ from __future__ import annotations
 
 import math
 import tomllib
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -65,7 +83,41 @@ def _discount(x):
     return None if 0 <= x < 1 else "must be in [0, 1)"
 
 
-FLOW_KINDS = ("wasserstein",)
+def _dotted_key(x):
+    parts = x.split(".")
+    ok = len(parts) >= 2 and all(part.isidentifier() for part in parts) and parts[0] != "sweep"
+    return None if ok else "must be a dotted config key such as 'mdp.tau'"
+
+
+def _numbers(x):
+    ok = bool(x) and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in x)
+    if not ok:
+        return "must be a non-empty list of finite numbers"
+    return None if len(set(x)) == len(x) else "must not repeat a value"
+
+
+def _kinds(x):
+    ok = bool(x) and all(k in FLOW_KINDS for k in x) and len(set(x)) == len(x)
+    return None if ok else f"must be a non-empty list of distinct flow kinds from {', '.join(map(repr, FLOW_KINDS))}"
+
+
+#: ``flow.kind``: the WPG flow (:mod:`solver.flows`), the Fisher-Rao flow and soft policy iteration
+#: (:mod:`solver.comparison`; policy iteration takes one iteration per unit time and ignores ``dt``), and
+#: reflected Langevin particles (:mod:`solver.particles`; ``particles`` per state, random ``seed``, 1D actions).
+#: Only "wasserstein" has an adaptive time step.
+FLOW_KINDS = ("wasserstein", "fisher_rao", "policy_iteration", "particles")
+
+#: ``actions.domain``: built-in domains (besides a path to an ``.xdmf`` mesh); the shapes among them shipped as
+#: mesh files ``meshes/<shape>_<resolution>.xdmf``, and their resolutions.
+ACTION_DOMAINS = ("interval", "rectangle", "disk", "lshape", "annulus")
+MESH_SHAPES = ("disk", "lshape", "annulus")
+MESH_RESOLUTIONS = ("coarse", "fine")
+
+
+def _domain(x):
+    if x in ACTION_DOMAINS or x.endswith(".xdmf"):
+        return None
+    return f"must be one of {', '.join(map(repr, ACTION_DOMAINS))} or a path to an .xdmf mesh"
 
 SCHEMA: dict[str, dict[str, Key]] = {
     "mdp": {
@@ -79,10 +131,15 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "upper": Key(float, 1.0, _finite),
         "n": Key(int, 1, _at_least_one),
     },
-    "actions": {
-        "lower": Key(float, REQUIRED, _finite),
-        "upper": Key(float, REQUIRED, _finite),
-        "cells": Key(int, 256, _at_least_two),
+    "actions": {  # lower, upper, cells, center: checked per domain by _check_actions (None = not given)
+        "domain": Key(str, "interval", _domain),
+        "lower": Key(object, None),
+        "upper": Key(object, None),
+        "cells": Key(object, None),
+        "resolution": Key(str, None, _one_of(*MESH_RESOLUTIONS)),
+        "radius": Key(float, None, _positive),
+        "scale": Key(float, None, _positive),
+        "center": Key(object, None),
         "reference": Key(str, "lebesgue", _one_of("lebesgue", "gaussian")),
         "reference_std": Key(float, 1.0, _positive),
     },
@@ -98,9 +155,16 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "init": Key(str, "uniform", _one_of("uniform", "gaussian")),
         "init_mean": Key(float, 0.0, _finite),
         "init_std": Key(float, 1.0, _positive),
+        "particles": Key(int, 1000, _at_least_one),
+        "seed": Key(int, 0, lambda x: None if x >= 0 else "must be an integer >= 0"),
     },
     "output": {
         "snapshots": Key(int, 20, _at_least_two),
+    },
+    "sweep": {
+        "param": Key(str, REQUIRED, _dotted_key),
+        "values": Key(list, REQUIRED, _numbers),
+        "kinds": Key(list, (), lambda x: None if not x else _kinds(x)),
     },
 }
 
@@ -122,11 +186,18 @@ class StatesConfig:
 
 @dataclass(frozen=True)
 class ActionsConfig:
-    lower: float
-    upper: float
-    cells: int
+    """``[actions]``; the keys the domain does not use are None (module docstring)."""
+
+    lower: float | list | None
+    upper: float | list | None
+    cells: int | list | None
     reference: str
     reference_std: float
+    domain: str = "interval"
+    resolution: str | None = None
+    radius: float | None = None
+    scale: float | None = None
+    center: list | None = None
 
 
 @dataclass(frozen=True)
@@ -142,6 +213,8 @@ class FlowConfig:
     init: str
     init_mean: float
     init_std: float
+    particles: int = 1000
+    seed: int = 0
 
 
 @dataclass(frozen=True)
@@ -150,25 +223,37 @@ class OutputConfig:
 
 
 @dataclass(frozen=True)
+class SweepConfig:
+    """``wpgflow sweep`` defaults: the swept key, its values, and the flow kinds (empty: ``flow.kind``)."""
+
+    param: str
+    values: list
+    kinds: list
+
+
+@dataclass(frozen=True)
 class Config:
-    """A validated experiment. ``states`` is None when the config has no ``[states]`` table."""
+    """A validated experiment. ``states`` / ``sweep`` are None when the config has no such table."""
 
     mdp: MDPConfig
     states: StatesConfig | None
     actions: ActionsConfig
     flow: FlowConfig
     output: OutputConfig
+    sweep: SweepConfig | None = None
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        if d["states"] is None:
-            del d["states"]
+        for name in ("states", "sweep"):
+            if d[name] is None:
+                del d[name]
+        d["actions"] = {k: v for k, v in d["actions"].items() if v is not None}
         return d
 
 
 _SECTIONS = {"mdp": MDPConfig, "states": StatesConfig, "actions": ActionsConfig, "flow": FlowConfig,
-             "output": OutputConfig}
-_OPTIONAL_SECTIONS = ("states", "flow", "output")
+             "output": OutputConfig, "sweep": SweepConfig}
+_OPTIONAL_SECTIONS = ("states", "flow", "output", "sweep")
 
 
 def load(path: str | Path, overrides: list[str] = ()) -> Config:
@@ -219,21 +304,76 @@ def from_dict(raw: dict) -> Config:
     for name, keys in SCHEMA.items():
         table = raw.get(name)
         if table is None and name in _OPTIONAL_SECTIONS:
-            sections[name] = None if name == "states" else _section(name, keys, {})
+            sections[name] = None if name in ("states", "sweep") else _section(name, keys, {})
             continue
         if table is None:
             raise ConfigError(f"{name}: missing required section [{name}]")
         if not isinstance(table, dict):
             raise ConfigError(f"{name}: must be a table [{name}]")
         sections[name] = _section(name, keys, table)
-    for name in ("states", "actions"):
+    sections["actions"] = _check_actions(sections["actions"])
+    for name in ("states",):
         sec = sections[name]
         if sec is not None and not sec.lower < sec.upper:
             raise ConfigError(f"{name}.lower: must be < {name}.upper (got {sec.lower} >= {sec.upper})")
     flow = sections["flow"]
     if flow.dt > flow.t_end:
         raise ConfigError(f"flow.dt: must be <= flow.t_end ({flow.t_end})")
+    if flow.adaptive and flow.kind != "wasserstein":
+        raise ConfigError(f"flow.adaptive: only flow.kind = 'wasserstein' has an adaptive step (got {flow.kind!r})")
     return Config(**sections)
+
+
+#: ``[actions]`` keys that each kind of domain uses (a path to an .xdmf mesh: "path").
+_DOMAIN_KEYS = {"interval": ("lower", "upper", "cells"), "rectangle": ("lower", "upper", "cells"),
+                "disk": ("resolution", "radius", "center"), "lshape": ("resolution", "scale", "center"),
+                "annulus": ("resolution", "scale", "center"), "path": ("scale", "center")}
+
+
+def _check_actions(a: ActionsConfig) -> ActionsConfig:
+    """Check the ``[actions]`` keys of ``a.domain`` (module docstring) and fill in that domain's defaults."""
+    kind = a.domain if a.domain in ACTION_DOMAINS else "path"
+    used = _DOMAIN_KEYS[kind]
+    for key in ("lower", "upper", "cells", "resolution", "radius", "scale", "center"):
+        if getattr(a, key) is not None and key not in used:
+            raise ConfigError(f"actions.{key}: not used by domain {a.domain!r} (its keys: {', '.join(used)})")
+    for key in ("lower", "upper"):
+        if key in used and getattr(a, key) is None:
+            raise ConfigError(f"actions.{key}: missing required key (domain {a.domain!r})")
+    if kind == "interval":
+        lower, upper = (_coerce(f"actions.{k}", getattr(a, k), float) for k in ("lower", "upper"))
+        cells = 256 if a.cells is None else _coerce("actions.cells", a.cells, int)
+        for key, value, problem in (("lower", lower, _finite(lower)), ("upper", upper, _finite(upper)),
+                                    ("cells", cells, _at_least_two(cells))):
+            if problem:
+                raise ConfigError(f"actions.{key}: {problem} (got {value!r})")
+        if not lower < upper:
+            raise ConfigError(f"actions.lower: must be < actions.upper (got {lower} >= {upper})")
+        return replace(a, lower=lower, upper=upper, cells=cells)
+    if kind == "rectangle":
+        lower, upper = (_vector(f"actions.{k}", getattr(a, k)) for k in ("lower", "upper"))
+        if not all(lo < hi for lo, hi in zip(lower, upper)):
+            raise ConfigError(f"actions.lower: must be < actions.upper in both coordinates (got {lower}, {upper})")
+        cells = 16 if a.cells is None else a.cells
+        cells = [cells, cells] if isinstance(cells, int) and not isinstance(cells, bool) else cells
+        if not (isinstance(cells, list) and len(cells) == 2
+                and all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in cells)):
+            raise ConfigError(f"actions.cells: must be an integer >= 1 or a list [nx, ny] of two (got {a.cells!r})")
+        return replace(a, lower=lower, upper=upper, cells=cells)
+    center = [0.0, 0.0] if a.center is None else _vector("actions.center", a.center)
+    resolution = None if kind == "path" else a.resolution or MESH_RESOLUTIONS[0]
+    if kind == "disk":
+        return replace(a, center=center, resolution=resolution, radius=1.0 if a.radius is None else a.radius)
+    return replace(a, center=center, resolution=resolution, scale=1.0 if a.scale is None else a.scale)
+
+
+def _vector(full: str, value: Any) -> list[float]:
+    """A 2-vector ``[x, y]`` of finite numbers."""
+    ok = isinstance(value, (list, tuple)) and len(value) == 2 and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value)
+    if not ok:
+        raise ConfigError(f"{full}: must be a list [x, y] of two finite numbers (got {value!r})")
+    return [float(v) for v in value]
 
 
 def _section(name: str, keys: dict[str, Key], table: dict):
@@ -263,7 +403,12 @@ def _coerce(full: str, value: Any, kind: type) -> Any:
         return value
     if kind in (bool, str, dict) and isinstance(value, kind):
         return value
-    names = {float: "a number", int: "an integer", bool: "true or false", str: "a string", dict: "a table"}
+    if kind is list and isinstance(value, (list, tuple)):
+        return list(value)
+    if kind is object:  # checked by the section's own validation
+        return value
+    names = {float: "a number", int: "an integer", bool: "true or false", str: "a string", dict: "a table",
+             list: "a list"}
     raise ConfigError(f"{full}: must be {names[kind]} (got {value!r})")
 
 

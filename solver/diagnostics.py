@@ -1,8 +1,13 @@
 """Diagnostics of a flow: energy, gap, dissipation, KL to Gibbs, conservation, rates (math.md §4, §5.3, §8.6).
 
 * ``J = rho^T V^pi`` (mean over states), ``gap = J* - J``.
-* ``dissipation``: the predicted ``dJ/dt = rho^T (I - gamma P^pi)^{-1} D^h`` (one adjoint solve with the LU
-  of the policy evaluation). The plain ``rho . D^h`` is only a lower bound (math.md §4, pitfall).
+* ``dissipation``: the predicted ``dJ/dt = rho^T (I - gamma P^pi)^{-1} D`` (one adjoint solve with the LU
+  of the policy evaluation), with the statewise ``D`` of the flow kind: ``D^h`` of the discrete Wasserstein
+  generator (math.md §4), ``sum_j w_j p A^2`` for Fisher-Rao (math.md §6); NaN for ``policy_iteration`` (no
+  time derivative) and ``particles`` (the Fisher information of a particle histogram is dominated by sampling
+  noise). The plain ``rho . D`` is only a lower bound (math.md §4, pitfall).
+* ``dissipation_ratio``: the measured ``(J_{n+1} - J_n) / dt_{n+1}`` over the previous row's ``dissipation``
+  (the prediction at ``t_n``); it tends to 1 at first order in ``dt``. NaN on row 0.
 * ``kl_gibbs_max = max_s KL(pi_s || G^pi_s)``; ``tau`` times it is the Bellman residual ``T V^pi - V^pi``.
 * ``mass_error = max_s |sum_j w_j p_sj - 1|``, ``min_density = min p``.
 * :func:`fit_rate`: least-squares slope of ``log gap`` against ``t`` on the window ``[1e-10, 1e-5]``.
@@ -18,32 +23,71 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.linalg as sla
 
-from . import bellman, flows
+from . import bellman, comparison, flows
 from .mdp import MDP
 
-HISTORY_COLUMNS = ("t", "dt", "J", "gap", "dissipation", "kl_gibbs_max", "mass_error", "min_density")
+HISTORY_COLUMNS = ("t", "dt", "J", "gap", "dissipation", "kl_gibbs_max", "mass_error", "min_density",
+                   "dissipation_ratio")
 
 #: Fit window for the linear rate (math.md §8.6): above 1e-10 the gap is far from the round-off floor
 #: (~1e-13 |J|), below 1e-5 the flow is in its linear regime.
 RATE_WINDOW = (1e-10, 1e-5)
 
 
-def record(mdp: MDP, state: flows.FlowState, J_star: float, scheme: str = "sg") -> dict[str, float]:
-    """The history row of one flow state (keys :data:`HISTORY_COLUMNS`)."""
+def record(mdp: MDP, state: flows.FlowState, J_star: float, scheme: str = "sg", previous: dict | None = None,
+           kind: str = "wasserstein") -> dict[str, float]:
+    """The history row of one flow state (keys :data:`HISTORY_COLUMNS`).
+
+    Args:
+        previous: the row of the previous flow state (its ``J`` and ``dissipation`` are used), or None for
+            the first row.
+        kind: the flow kind (``config.FLOW_KINDS``); selects the statewise dissipation.
+    """
     ev, p = state.evaluation, state.p
     J = float(mdp.rho @ ev.V)
-    D = flows.dissipation(mdp, p, state.g, scheme)
     log_g, _ = bellman.log_gibbs(mdp, ev.Q)
     return {
         "t": state.t,
         "dt": state.dt,
         "J": J,
         "gap": J_star - J,
-        "dissipation": float(ev.resolvent_adjoint(mdp.rho) @ D),
+        "dissipation": predicted_dissipation(mdp, state, scheme, kind),
         "kl_gibbs_max": float(np.max(bellman.kl_divergence(mdp, p, log_g))),
         "mass_error": float(np.max(np.abs(p @ mdp.weights - 1.0))),
         "min_density": float(np.min(p)),
+        "dissipation_ratio": dissipation_ratio(J, state.dt, previous),
     }
+
+
+def predicted_dissipation(mdp: MDP, state: flows.FlowState, scheme: str = "sg", kind: str = "wasserstein") -> float:
+    """Predicted ``dJ/dt = rho^T (I - gamma P^pi)^{-1} D`` of the flow ``kind`` at ``state`` (NaN if none).
+
+    ``D`` is :func:`solver.flows.dissipation` (Wasserstein, math.md §4) or
+    :func:`solver.comparison.fisher_rao_dissipation` (math.md §6).
+    """
+    if kind == "wasserstein":
+        D = flows.dissipation(mdp, state.p, state.g, scheme)
+    elif kind == "fisher_rao":
+        D = comparison.fisher_rao_dissipation(mdp, state.p, state.evaluation)
+    elif kind in ("policy_iteration", "particles"):
+        return math.nan
+    else:
+        raise ValueError(f"unknown flow kind {kind!r}")
+    return float(state.evaluation.resolvent_adjoint(mdp.rho) @ D)
+
+
+def dissipation_ratio(J: float, dt: float, previous: dict | None) -> float:
+    """``((J - J_prev) / dt) / dissipation_prev``: measured over predicted ``dJ/dt`` at the previous state.
+
+    For a first-order scheme it is ``1 + O(dt)`` (math.md §4). NaN without a previous row, for a zero step,
+    or when the prediction is zero or NaN.
+    """
+    if previous is None or not dt > 0:
+        return math.nan
+    predicted = previous["dissipation"]
+    if not (math.isfinite(predicted) and predicted != 0.0):
+        return math.nan
+    return (J - previous["J"]) / dt / predicted
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,9 @@
 """An experiment end to end: config -> model -> MDP -> optimum -> flow loop -> summary.
 
-The flow generator (:func:`solver.flows.wasserstein_flow`) only steps. :func:`run` consumes it, computes
-the diagnostics row of every state, hands ``(row, state)`` to observers (history file, snapshots, progress
-bar) and stops at ``flow.t_end`` or when ``gap <= flow.gap_tol``.
+The flow generator of ``flow.kind`` (:func:`solver.flows.wasserstein_flow`, :func:`solver.comparison.fisher_rao_flow`,
+:func:`solver.comparison.policy_iteration_flow`, :func:`solver.particles.particle_flow`) only steps. :func:`run`
+consumes it, computes the diagnostics row of every state, hands ``(row, state)`` to observers (history file,
+snapshots, progress bar) and stops at ``flow.t_end`` or when ``gap <= flow.gap_tol``.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Callable, Iterable
 import numpy as np
 import scipy
 
-from . import __version__, bellman, diagnostics, fem, flows, models, oracles
+from . import __version__, bellman, comparison, diagnostics, fem, flows, lsi, models, oracles, particles
 from .config import Config, ConfigError
 from .mdp import MDP, build_mdp
 
@@ -44,10 +45,13 @@ def build(config: Config) -> Problem:
     model = models.build(config.mdp.model, config.mdp.params)
     states = state_grid(config, model)
     a = config.actions
-    space = fem.interval_space(a.lower, a.upper, a.cells)
+    space = fem.domain_space(a.domain, a.lower, a.upper, a.cells, a.resolution,
+                             a.radius if a.domain == "disk" else a.scale, a.center)
     mdp = build_mdp(model, states, space, config.mdp.gamma, config.mdp.tau, a.reference, a.reference_std)
     if not np.all(np.isfinite(mdp.reward)):
         raise ConfigError(f"mdp.model: the reward of {config.mdp.model!r} is not finite on the state/action grid")
+    if config.flow.kind == "particles" and not space.is_chain:
+        raise ConfigError("flow.kind: 'particles' needs a 1D action interval (2D action domains are not supported)")
     return Problem(config=config, model=model, mdp=mdp, optimum=bellman.soft_policy_iteration(mdp))
 
 
@@ -65,12 +69,15 @@ def state_grid(config: Config, model: models.Model) -> np.ndarray:
 
 
 def initial_policy(config: Config, mdp: MDP) -> np.ndarray:
-    """``(N, M)`` initial density: uniform, or a Gaussian ``N(init_mean, init_std^2)`` renormalised on the mesh."""
+    """``(N, M)`` initial density: uniform, or a Gaussian ``N(init_mean, init_std^2)`` renormalised on the mesh.
+
+    For 2D actions the Gaussian is isotropic, centred at ``(init_mean, init_mean)``.
+    """
     f = config.flow
     if f.init == "uniform":
         return bellman.uniform_policy(mdp)
-    a = mdp.space.coords[:, 0]
-    density = np.exp(-0.5 * ((a - f.init_mean) / f.init_std) ** 2)
+    a = mdp.space.coords
+    density = np.exp(-0.5 * np.sum(((a - f.init_mean) / f.init_std) ** 2, axis=1))
     total = density @ mdp.weights
     if not total > 0:
         raise ConfigError(f"flow.init_mean: the initial Gaussian has no mass on the action domain "
@@ -79,10 +86,17 @@ def initial_policy(config: Config, mdp: MDP) -> np.ndarray:
 
 
 def flow_states(problem: Problem) -> Iterable[flows.FlowState]:
+    """The flow of kind ``flow.kind`` (``config.FLOW_KINDS``) from the initial policy, up to ``flow.t_end``."""
     f = problem.config.flow
+    p0 = initial_policy(problem.config, problem.mdp)
+    if f.kind == "fisher_rao":
+        return comparison.fisher_rao_flow(problem.mdp, p0, f.dt, t_end=f.t_end)
+    if f.kind == "policy_iteration":
+        return comparison.policy_iteration_flow(problem.mdp, p0, t_end=f.t_end)
+    if f.kind == "particles":
+        return particles.particle_flow(problem.mdp, p0, f.dt, f.particles, f.seed, t_end=f.t_end)
     adaptive = flows.Adaptive(tol=f.adapt_tol, dt_max=f.dt_max) if f.adaptive else None
-    return flows.wasserstein_flow(problem.mdp, initial_policy(problem.config, problem.mdp), f.dt, f.scheme,
-                                  adaptive, t_end=f.t_end)
+    return flows.wasserstein_flow(problem.mdp, p0, f.dt, f.scheme, adaptive, t_end=f.t_end)
 
 
 @dataclass
@@ -104,7 +118,8 @@ def run(problem: Problem, observers: Iterable[Observer] = ()) -> RunResult:
     start = time.perf_counter()
     try:
         for state in flow_states(problem):
-            row = diagnostics.record(problem.mdp, state, J_star, f.scheme)
+            row = diagnostics.record(problem.mdp, state, J_star, f.scheme, result.rows[-1] if result.rows else None,
+                                     f.kind)
             result.rows.append(row)
             result.final = state
             for observe in observers:
@@ -120,8 +135,11 @@ def run(problem: Problem, observers: Iterable[Observer] = ()) -> RunResult:
     return result
 
 
-def summarise(problem: Problem, result: RunResult, setup_time: float) -> dict:
-    """The ``summary.json`` dictionary (keys documented in the README)."""
+def summarise(problem: Problem, result: RunResult, setup_time: float, along=None) -> dict:
+    """The ``summary.json`` dictionary (keys documented in the README).
+
+    ``along``: the :class:`solver.lsi.AlongFlow` check of the snapshots (gives ``local_rate_check``), or None.
+    """
     cfg, mdp, opt = problem.config, problem.mdp, problem.optimum
     rows = result.rows
     t = np.array([r["t"] for r in rows])
@@ -151,8 +169,11 @@ def summarise(problem: Problem, result: RunResult, setup_time: float) -> dict:
         "rate_window": list(fit.window) if fit else None,
         "rate_t_range": list(fit.t_range) if fit else None,
         "ell_min": ell_min,
-        "predicted_rate": (2 * ell_min if cfg.flow.adaptive else diagnostics.implicit_euler_rate(ell_min, cfg.flow.dt))
-        if math.isfinite(ell_min) else None,
+        "predicted_rate": predicted_rate(cfg, mdp, ell_min),
+        "measured_rate": fit.rate if fit else None,
+        "predicted_rate_bound": None,
+        "lsi_bracket": None,
+        "local_rate_check": along.all_hold if along is not None else None,
         "steps": steps,
         "t_final": float(t[-1]),
         "setup_time_s": setup_time,
@@ -167,8 +188,28 @@ def summarise(problem: Problem, result: RunResult, setup_time: float) -> dict:
         "versions": {"wpgflow": __version__, "dolfinx": fem.dolfinx_version(), "numpy": np.__version__,
                      "scipy": scipy.__version__},
     }
+    if mdp.n_actions > 1:
+        at_optimum = lsi.optimum_summary(problem, ell)
+        summary["lsi_bracket"] = at_optimum["lsi_bracket"]
+        if cfg.flow.kind == "wasserstein":
+            summary["predicted_rate_bound"] = at_optimum["predicted_rate_bound"]
     summary.update(oracle_comparison(problem))
     return summary
+
+
+def predicted_rate(cfg: Config, mdp: MDP, ell_min: float) -> float | None:
+    """Asymptotic gap rate of the flow kind (None where there is no linear rate or no prediction).
+
+    Wasserstein: ``2 ell_min`` (adaptive) or ``2 log(1 + dt ell_min) / dt`` (math.md §5.3(e)); Fisher-Rao:
+    ``2 log(1 + tau dt) / dt`` (math.md §6); policy iteration is superlinear and the particle gap is
+    dominated by sampling noise, so both get None.
+    """
+    f = cfg.flow
+    if f.kind == "fisher_rao":
+        return comparison.fisher_rao_rate(mdp.tau, f.dt)
+    if f.kind != "wasserstein" or not math.isfinite(ell_min):
+        return None
+    return 2 * ell_min if f.adaptive else diagnostics.implicit_euler_rate(ell_min, f.dt)
 
 
 def oracle_comparison(problem: Problem) -> dict:

@@ -9,10 +9,16 @@ wpgflow works with (UFL forms in, NumPy/SciPy out, as in DOLFINx's ``demo_types.
 * ``edges`` and ``conductance``: the mesh edges ``(j, k)`` and ``omega_jk = -K_jk`` from the P1
   stiffness matrix ``K_jk = \\int grad phi_j . grad phi_k da``. The edge-averaged (Scharfetter-Gummel)
   scheme of :mod:`solver.flows` is an M-matrix exactly when every ``omega_jk >= 0`` (always in 1D;
-  Delaunay meshes in 2D), which :func:`interval_space` checks.
+  Delaunay meshes in 2D), which every constructor below checks.
 
 DOFs are renumbered once (by coordinate in 1D) so that every edge couples DOFs at most
 ``bandwidth`` apart; the flow stepper then solves banded systems.
+
+Action domains (``[actions] domain``, see :mod:`solver.config`): :func:`interval_space` and
+:func:`rectangle_space` mesh in memory; :func:`mesh_space` reads a triangle mesh from an XDMF file, such as the
+shipped ``meshes/<shape>_<resolution>.xdmf`` (:data:`MESH_SHAPES` x :data:`RESOLUTIONS`, made by
+``meshes/generate.py``); :func:`domain_space` dispatches on the domain name. Every mesh is read on
+``MPI.COMM_SELF`` (each MPI rank holds the whole action mesh).
 """
 
 from __future__ import annotations
@@ -20,9 +26,17 @@ from __future__ import annotations
 import logging
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import scipy.sparse as sp
+
+from .config import MESH_RESOLUTIONS, MESH_SHAPES, ConfigError
+
+#: Directory of the shipped meshes ``<shape>_<resolution>.xdmf`` (shapes :data:`MESH_SHAPES` of unit size: the
+#: disk ``|a| <= 1``; the L-shape ``[-1, 1]^2`` minus ``(0, 1]^2``; the annulus ``1/2 <= |a| <= 1``).
+MESH_DIR = Path(__file__).resolve().parent.parent / "meshes"
+RESOLUTIONS = MESH_RESOLUTIONS
 
 
 @dataclass(frozen=True)
@@ -111,7 +125,62 @@ def rectangle_space(lower: tuple[float, float], upper: tuple[float, float], cell
         return _space_from_mesh(mesh)
 
 
-def _space_from_mesh(mesh) -> ActionSpace:
+def mesh_space(path: str | Path, scale: float = 1.0, center: tuple[float, float] = (0.0, 0.0),
+               key: str = "actions.domain") -> ActionSpace:
+    """P1 space on the triangle mesh in the XDMF file ``path``, mapped by ``a -> center + scale a``.
+
+    The file holds one grid named ``mesh`` with triangle cells and XY (or XYZ with z = 0) geometry, data inline
+    as XML (what ``meshes/generate.py`` writes) or in an HDF5 file beside it (what DOLFINx writes).
+
+    Raises:
+        ConfigError: (naming ``key``) if the file is missing or unreadable, is not a planar triangle mesh, has a
+            degenerate cell, or has an edge with a negative coupling ``omega_jk`` (not Delaunay), which would
+            make the scheme lose positivity.
+    """
+    from mpi4py import MPI
+    import dolfinx.io
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{key}: mesh file {path} not found (a built-in domain name or a path to an .xdmf mesh)")
+    encoding = dolfinx.io.XDMFFile.Encoding
+    encoding = encoding.HDF5 if 'Format="HDF"' in path.read_text(errors="replace") else encoding.ASCII
+    try:
+        with dolfinx.io.XDMFFile(MPI.COMM_SELF, str(path), "r", encoding=encoding) as xdmf:
+            mesh = xdmf.read_mesh()
+    except RuntimeError as exc:
+        raise ConfigError(f"{key}: cannot read mesh {path} as XDMF ({' '.join(str(exc).split())})") from None
+    if mesh.topology.cell_type.name != "triangle":
+        raise ConfigError(f"{key}: mesh {path} has {mesh.topology.cell_type.name} cells; 2D action domains need "
+                          "triangles")
+    x = mesh.geometry.x
+    if np.any(x[:, 2] != 0):
+        raise ConfigError(f"{key}: mesh {path} is not planar (z != 0); action meshes live in the plane")
+    x[:, :2] = np.asarray(center, float) + scale * x[:, :2]
+    with _quiet_jit():
+        return _space_from_mesh(mesh, f"{key}: mesh {path}")
+
+
+def domain_space(domain: str, lower=None, upper=None, cells=None, resolution: str = "coarse", scale: float = 1.0,
+                 center: tuple[float, float] = (0.0, 0.0)) -> ActionSpace:
+    """The P1 action space of ``[actions] domain`` (validated by :mod:`solver.config`).
+
+    Args:
+        domain: "interval" (``lower``, ``upper`` numbers, ``cells`` an int), "rectangle" (``lower``, ``upper``
+            2-vectors, ``cells`` ``[nx, ny]``), a shipped shape in :data:`MESH_SHAPES` (the file
+            ``MESH_DIR/<domain>_<resolution>.xdmf``), or a path to an XDMF triangle mesh.
+        scale, center: the map ``a -> center + scale a`` applied to a mesh read from a file.
+    """
+    if domain == "interval":
+        return interval_space(lower, upper, cells)
+    if domain == "rectangle":
+        return rectangle_space(tuple(lower), tuple(upper), tuple(cells))
+    if domain in MESH_SHAPES:
+        return mesh_space(MESH_DIR / f"{domain}_{resolution}.xdmf", scale, center)
+    return mesh_space(domain, scale, center)
+
+
+def _space_from_mesh(mesh, source: str = "mesh") -> ActionSpace:
     import dolfinx.fem
     import ufl
 
@@ -125,11 +194,17 @@ def _space_from_mesh(mesh) -> ActionSpace:
     dofmap = V.dofmap.list.array.reshape(-1, mesh.topology.dim + 1).copy()
     K = sp.csr_matrix((stiffness.data.copy(), stiffness.indices.copy(), stiffness.indptr.copy()),
                       shape=(coords.shape[0],) * 2)
-    return _renumbered(coords, lumped, K, dofmap)
+    if not np.all(lumped > 0):
+        raise ConfigError(f"{source} has degenerate (zero-area) cells")
+    return _renumbered(coords, lumped, K, dofmap, source)
 
 
-def _renumbered(coords, weights, K, cells) -> ActionSpace:
-    """Renumber DOFs to a small bandwidth and extract edges and conductances from ``K``."""
+def _renumbered(coords, weights, K, cells, source: str = "mesh") -> ActionSpace:
+    """Renumber DOFs to a small bandwidth and extract edges and conductances from ``K``.
+
+    Raises:
+        ConfigError: (message starting with ``source``) if some ``omega_jk < 0``.
+    """
     if coords.shape[1] == 1:
         order = np.argsort(coords[:, 0], kind="stable")
     else:
@@ -145,9 +220,12 @@ def _renumbered(coords, weights, K, cells) -> ActionSpace:
     keep = np.abs(omega) > 1e-12 * scale  # structural zeros of right angles in 2D are round-off
     j, k, omega = j[keep], k[keep], omega[keep]
     if np.any(omega < 0):
-        raise ValueError(
-            f"{int(np.sum(omega < 0))} mesh edges have a positive stiffness coupling; "
-            "the scheme needs a Delaunay mesh (non-obtuse opposite angles) to stay positive")
+        bad = int(np.sum(omega < 0))
+        raise ConfigError(
+            f"{source} has {bad} edge{'s' if bad > 1 else ''} with a positive stiffness coupling K_jk > 0 "
+            "(not Delaunay: an interior edge whose two opposite angles sum to more than 180 degrees, or an obtuse "
+            "angle opposite a boundary edge); the scheme is an M-matrix (density >= 0) only if every "
+            "omega_jk = -K_jk >= 0: remesh with a Delaunay mesher and flip such edges (see meshes/generate.py)")
     edges = np.stack([j, k], axis=1).astype(np.int64)
     return ActionSpace(coords=coords[order], weights=weights[order], edges=edges, conductance=omega,
                        cells=inverse[cells], bandwidth=int(np.max(k - j)) if edges.size else 0)

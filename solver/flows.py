@@ -22,25 +22,47 @@ mass is conserved (``1^T (I - dt L) = 1^T``), ``m^{n+1} >= 0`` (inverse M-matrix
 policy of ``Q*`` is an exact fixed point (all fluxes vanish at ``u = const``), and ``V^{pi_n}`` is
 non-decreasing at every state (the step is a Markov kernel with invariant ``G_n``; math.md §3).
 
-The per-state systems are assembled into one block-diagonal banded matrix and solved by one LAPACK
-banded solve (``gbsv``; no pivoting occurs since ``I - dt L`` is column diagonally dominant).
+The per-state systems share one sparsity pattern. ``I - dt L`` is a column diagonally dominant M-matrix, so
+Gaussian elimination without pivoting is stable and keeps its sign structure (L and U factors are M-matrices,
+all substitutions add non-negative terms): the solves are direct, mass is conserved to round-off and the
+masses stay >= 0 in floating point. Two batched direct solvers (:func:`implicit_step`, ``method``):
+
+* "banded": the block-diagonal banded matrix of a chunk of states in one LAPACK ``gbsv`` (no row interchange
+  occurs, by the diagonal dominance). Cost ``O(N M bw^2)``; optimal for 1D (tridiagonal) and small 2D meshes.
+* "sparse": a chunk of states as one block-diagonal CSC matrix, factorised by SuperLU with a fill-reducing
+  ordering (minimum degree on ``A + A^T``) computed once per action space and reused for every state and
+  step (``NATURAL`` column order on the pre-permuted matrix, ``diag_pivot_thresh = 0``). Cost ~
+  ``O(N M log M)``-ish fill for 2D meshes; wins from a few hundred DOFs on (``benchmarks/bench_2d_action.py``).
+
+Both process the states in chunks so that the working memory stays below :data:`SOLVE_CHUNK_BYTES`.
 """
 
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass
 from typing import Iterator
 
 import numpy as np
 import scipy.linalg as sla
 import scipy.sparse as sp
+import scipy.sparse.linalg as spla
 
 from . import bellman
 from .fem import ActionSpace
 from .mdp import MDP
 
 SCHEMES = ("sg", "sqra")
+SOLVE_METHODS = ("auto", "banded", "sparse")
+
+#: Working memory of one chunk of per-state solves (banded storage incl. LAPACK's pivoting rows, or the CSC
+#: matrix and its LU fill); states are processed in chunks below this size.
+SOLVE_CHUNK_BYTES = 64 * 2 ** 20
+
+#: "auto" uses the banded solver up to this bandwidth and for every 1D chain, SuperLU above
+#: (measured crossover, benchmarks/bench_2d_action.py: bw 24 -> banded ahead, bw 46 -> sparse ahead).
+BANDED_MAX_BANDWIDTH = 32
 
 
 def bernoulli(x: np.ndarray) -> np.ndarray:
@@ -91,37 +113,130 @@ def generator(space: ActionSpace, g: np.ndarray, tau: float, scheme: str = "sg")
 
 
 def implicit_step(space: ActionSpace, masses: np.ndarray, g: np.ndarray, tau: float, dt: float,
-                  scheme: str = "sg") -> np.ndarray:
+                  scheme: str = "sg", method: str = "auto") -> np.ndarray:
     """One implicit Euler step ``m^{n+1} = (I - dt L)^{-1} m^n`` for all states at once.
 
     Args:
+        space: the action space.
         masses: ``(N, M)`` masses ``m_ij = w_j p_ij`` at ``t_n``.
         g: ``(N, M)`` log Gibbs density built from ``Q^{pi_n}`` (frozen over the step).
+        tau: temperature.
+        dt: step size.
+        scheme: "sg" or "sqra" (:func:`edge_rates`).
+        method: "banded", "sparse" (module docstring) or "auto": banded for 1D chains and bandwidths up to
+            :data:`BANDED_MAX_BANDWIDTH`, sparse otherwise. Both are direct and agree to round-off.
 
     Returns:
         ``(N, M)`` masses at ``t_n + dt``.
     """
-    n, m = masses.shape
-    bw = space.bandwidth
     j, k = space.edges[:, 0], space.edges[:, 1]
     fwd, bwd = edge_rates(space, g, tau, scheme)
     w = space.weights
     out_j = dt * fwd / w[j]  # (N, E): rate of mass leaving j towards k, times dt
     out_k = dt * bwd / w[k]
-    ab = np.zeros((2 * bw + 1, n, m))
-    if space.is_chain:  # 1D: edges (0, 1), (1, 2), ...; plain slices instead of scatters
-        ab[bw] = 1.0
-        ab[bw, :, :-1] += out_j
-        ab[bw, :, 1:] += out_k
-        ab[bw + 1, :, :-1] = -out_j  # A[j + 1, j]
-        ab[bw - 1, :, 1:] = -out_k  # A[j, j + 1]
-    else:
-        ab[bw] = 1.0 + out_j @ incidence(j, m) + out_k @ incidence(k, m)  # 1 + column sums of -dt L
-        ab[bw + (k - j), :, j] = -out_j.T  # A[k, j]
-        ab[bw + (j - k), :, k] = -out_k.T  # A[j, k]
-    new = sla.solve_banded((bw, bw), ab.reshape(2 * bw + 1, n * m), masses.ravel(), overwrite_ab=True,
-                           check_finite=False)
-    return new.reshape(n, m)
+    if method == "auto":
+        method = "banded" if space.is_chain or space.bandwidth <= BANDED_MAX_BANDWIDTH else "sparse"
+    if method == "banded":
+        return _banded_solve(space, masses, out_j, out_k)
+    if method == "sparse":
+        return _sparse_solve(space, masses, out_j, out_k)
+    raise ValueError(f"unknown method {method!r} (allowed: {', '.join(SOLVE_METHODS)})")
+
+
+def _column_sums(space: ActionSpace, out_j: np.ndarray, out_k: np.ndarray) -> np.ndarray:
+    """``1 + dt sum of the rates leaving each DOF``: the diagonal of ``I - dt L``, ``(N, M)``."""
+    m = space.n_dofs
+    return 1.0 + out_j @ incidence(space.edges[:, 0], m) + out_k @ incidence(space.edges[:, 1], m)
+
+
+def _chunks(n: int, per_state_bytes: float):
+    """Consecutive slices of ``range(n)`` whose working memory stays below :data:`SOLVE_CHUNK_BYTES`."""
+    size = max(1, int(SOLVE_CHUNK_BYTES // max(per_state_bytes, 1.0)))
+    return [slice(start, min(start + size, n)) for start in range(0, n, size)]
+
+
+def _banded_solve(space: ActionSpace, masses: np.ndarray, out_j: np.ndarray, out_k: np.ndarray) -> np.ndarray:
+    """Block-diagonal banded LAPACK solve (``gbsv``) per chunk of states; ``O(M bw^2)`` per state."""
+    n, m = masses.shape
+    bw = space.bandwidth
+    j, k = space.edges[:, 0], space.edges[:, 1]
+    new = np.empty_like(masses)
+    for chunk in _chunks(n, (5 * bw + 2) * m * 8):  # ab, and gbsv's copy with bw extra rows
+        c = chunk.stop - chunk.start
+        ab = np.zeros((2 * bw + 1, c, m))
+        oj, ok = out_j[chunk], out_k[chunk]
+        if space.is_chain:  # 1D: edges (0, 1), (1, 2), ...; plain slices instead of scatters
+            ab[bw] = 1.0
+            ab[bw, :, :-1] += oj
+            ab[bw, :, 1:] += ok
+            ab[bw + 1, :, :-1] = -oj  # A[j + 1, j]
+            ab[bw - 1, :, 1:] = -ok  # A[j, j + 1]
+        else:
+            ab[bw] = _column_sums(space, oj, ok)
+            ab[bw + (k - j), :, j] = -oj.T  # A[k, j]
+            ab[bw + (j - k), :, k] = -ok.T  # A[j, k]
+        new[chunk] = sla.solve_banded((bw, bw), ab.reshape(2 * bw + 1, c * m), masses[chunk].ravel(),
+                                      overwrite_ab=True, check_finite=False).reshape(c, m)
+    return new
+
+
+class _SparsePattern:
+    """The CSC pattern of ``I - dt L`` for one state, in a fill-reducing DOF order, shared by all states.
+
+    Attributes:
+        perm: ``perm[x]`` is the position of DOF ``x`` in the fill-reducing order.
+        order: gathers the values ``[diag (M), A[k, j] (E), A[j, k] (E)]`` into CSC order.
+        indices, indptr: CSC row indices and column pointers of one block.
+        fill: number of nonzeros of ``L + U`` for one block (memory estimate).
+    """
+
+    def __init__(self, space: ActionSpace):
+        m = space.n_dofs
+        j, k = space.edges[:, 0], space.edges[:, 1]
+        # minimum degree on A + A^T, computed by SuperLU on a diagonally dominant matrix with this pattern
+        probe = sp.csc_matrix((np.full(2 * j.size, -1.0), (np.concatenate([k, j]), np.concatenate([j, k]))),
+                              shape=(m, m)) + sp.diags(np.full(m, 1.0 + np.bincount(space.edges.ravel(), minlength=m)))
+        lu = spla.splu(sp.csc_matrix(probe), permc_spec="MMD_AT_PLUS_A", diag_pivot_thresh=0.0,
+                       options={"SymmetricMode": True})
+        self.perm = lu.perm_c
+        rows = self.perm[np.concatenate([np.arange(m), k, j])]
+        cols = self.perm[np.concatenate([np.arange(m), j, k])]
+        self.order = np.lexsort((rows, cols))
+        self.indices = rows[self.order]
+        self.indptr = np.searchsorted(cols[self.order], np.arange(m + 1))
+        self.fill = lu.L.nnz + lu.U.nnz
+
+
+_PATTERNS: dict[int, tuple[weakref.ref, _SparsePattern]] = {}
+
+
+def _sparse_pattern(space: ActionSpace) -> _SparsePattern:
+    """The :class:`_SparsePattern` of ``space``, built once per action space object."""
+    entry = _PATTERNS.get(id(space))
+    if entry is None or entry[0]() is not space:
+        entry = (weakref.ref(space, lambda _, key=id(space): _PATTERNS.pop(key, None)), _SparsePattern(space))
+        _PATTERNS[id(space)] = entry
+    return entry[1]
+
+
+def _sparse_solve(space: ActionSpace, masses: np.ndarray, out_j: np.ndarray, out_k: np.ndarray) -> np.ndarray:
+    """SuperLU on the block-diagonal CSC matrix of a chunk of states, in the cached fill-reducing order."""
+    n, m = masses.shape
+    pat = _sparse_pattern(space)
+    values = np.concatenate([_column_sums(space, out_j, out_k), -out_j, -out_k], axis=1)[:, pat.order]
+    nnz = pat.indices.size
+    rhs = np.empty_like(masses)
+    rhs[:, pat.perm] = masses
+    new = np.empty_like(masses)
+    for chunk in _chunks(n, (2 * nnz + 2 * pat.fill) * 12 + 4 * m * 8):  # values + indices: CSC and LU
+        c = chunk.stop - chunk.start
+        blocks = np.arange(c)[:, None]
+        indices = (pat.indices[None, :] + m * blocks).ravel()
+        indptr = np.append((pat.indptr[:-1][None, :] + nnz * blocks).ravel(), nnz * c)
+        A = sp.csc_matrix((values[chunk].ravel(), indices, indptr), shape=(c * m, c * m))
+        lu = spla.splu(A, permc_spec="NATURAL", diag_pivot_thresh=0.0, options={"SymmetricMode": True})
+        new[chunk] = lu.solve(rhs[chunk].ravel()).reshape(c, m)
+    return new[:, pat.perm]
 
 
 def incidence(nodes: np.ndarray, m: int) -> sp.csr_matrix:

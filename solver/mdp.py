@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.sparse as sp
 
+from .config import ConfigError
 from .fem import ActionSpace
 from .models import Model
 
@@ -135,9 +136,17 @@ def log_reference(space: ActionSpace, reference: str, std: float = 1.0) -> np.nd
 
 def build_mdp(model: Model, states: np.ndarray, space: ActionSpace, gamma: float, tau: float,
               reference: str = "lebesgue", reference_std: float = 1.0) -> MDP:
-    """Discretise ``model`` on the state grid ``states`` and the 1D action space ``space``."""
+    """Discretise ``model`` on the state grid ``states`` and the action space ``space``.
+
+    The model sees ``a`` of shape ``(1, M)`` for a 1D action space and ``(1, M, 2)`` for a 2D one.
+
+    Raises:
+        ConfigError: if the model's ``action_dim`` is not the dimension of ``space``.
+    """
+    if model.action_dim != space.dim:
+        raise ConfigError(f"actions: the model has {model.action_dim}D actions but the action domain is {space.dim}D")
     s = states[:, None]
-    a = space.coords[:, 0][None, :]
+    a = space.coords[None, :, :] if model.action_dim == 2 else space.coords[:, 0][None, :]
     reward = np.broadcast_to(np.asarray(model.reward(s, a), dtype=float), (states.size, space.n_dofs)).copy()
     if model.single_state:
         mean = np.zeros((states.size, space.n_dofs)) + states[:, None]

@@ -8,7 +8,10 @@ A run directory holds
 * ``summary.json``: scalar results (see the README for every key);
 * ``solution.npz``: ``states (N,)``, ``actions (M,)`` DOF coordinates, ``weights (M,)`` lumped masses,
   ``V_star (N,)``, ``Q_star (N, M)``, ``pi_star (N, M)``, ``V_final (N,)``, ``pi_final (N, M)``,
-  ``snapshots_t (K,)``, ``snapshots_pi (K, N, M)``; policies are densities w.r.t. Lebesgue measure;
+  ``snapshots_t (K,)``, ``snapshots_pi (K, N, M)``; policies are densities w.r.t. Lebesgue measure.
+  For 2D actions ``actions`` is ``(M, 2)`` and there is also ``cells (C, 3)``, the triangles as DOF indices;
+* ``density.xdmf``: the snapshots for ParaView (:func:`write_density_xdmf`): a time series of P1 fields on the
+  action mesh, ``density_s<i>`` and ``pi_star_s<i>`` for the states ``i`` in :func:`xdmf_states`;
 * ``convergence.png``, ``density.png``, ``policy.png`` (see :mod:`solver.plots`).
 """
 
@@ -26,8 +29,8 @@ from .diagnostics import HISTORY_COLUMNS
 from .flows import FlowState
 from .observers import Snapshots
 
-FILES = ("config.toml", "history.csv", "summary.json", "solution.npz", "convergence.png", "density.png",
-         "policy.png")
+FILES = ("config.toml", "history.csv", "summary.json", "solution.npz", "density.xdmf", "convergence.png",
+         "density.png", "policy.png", "rates.csv", "rates.png")
 
 
 def prepare_run_dir(path: Path, force: bool) -> Path:
@@ -67,14 +70,65 @@ def _jsonable(value):
 
 
 def write_solution(path: Path, mdp, optimum, final: FlowState | None, snapshots: Snapshots) -> None:
+    """Write ``solution.npz`` and ``density.xdmf`` (module docstring)."""
+    space = mdp.space
+    times = np.array(snapshots.times)
+    policies = np.array(snapshots.policies).reshape(times.size, mdp.n_states, mdp.n_actions)
+    mesh = {"actions": space.coords[:, 0]} if space.dim == 1 else {"actions": space.coords, "cells": space.cells}
     np.savez_compressed(
         path / "solution.npz",
-        states=mdp.states, actions=mdp.space.coords[:, 0], weights=mdp.weights,
+        states=mdp.states, **mesh, weights=mdp.weights,
         V_star=optimum.V, Q_star=optimum.Q, pi_star=optimum.p,
         V_final=final.evaluation.V if final else np.full(mdp.n_states, np.nan),
         pi_final=final.p if final else np.full((mdp.n_states, mdp.n_actions), np.nan),
-        snapshots_t=np.array(snapshots.times),
-        snapshots_pi=np.array(snapshots.policies).reshape(len(snapshots.times), mdp.n_states, mdp.n_actions))
+        snapshots_t=times, snapshots_pi=policies)
+    write_density_xdmf(path / "density.xdmf", space.coords, space.cells, times, policies, optimum.p)
+
+
+def xdmf_states(n_states: int) -> list[int]:
+    """States written to ``density.xdmf``: the first, the middle and the last."""
+    return sorted({0, n_states // 2, n_states - 1})
+
+
+def write_density_xdmf(file: Path, coords: np.ndarray, cells: np.ndarray, times: np.ndarray, policies: np.ndarray,
+                       pi_star: np.ndarray) -> None:
+    """XDMF 3 time series of the policy densities on the action mesh (readable by ParaView), data inline as XML.
+
+    A grid ``mesh`` (geometry and topology: triangles, or line segments in 1D with ``y = 0``) is followed by a
+    temporal collection with one grid per snapshot time, which includes the mesh by XPointer (the layout DOLFINx
+    writes) and carries the nodal (P1) fields ``density_s<i>`` (the policy density at state ``i``, w.r.t.
+    Lebesgue measure) and ``pi_star_s<i>`` (the optimum, the same at every time) for ``i`` in :func:`xdmf_states`.
+    DOLFINx reads the ``mesh`` grid back (``solver.fem.mesh_space``).
+
+    Args:
+        coords: ``(M, d)`` DOF coordinates; cells: ``(C, d + 1)`` DOF indices; times: ``(K,)``;
+        policies: ``(K, N, M)``; pi_star: ``(N, M)``.
+    """
+    m, d = coords.shape
+    xy = coords if d == 2 else np.column_stack([coords[:, 0], np.zeros(m)])
+    topology = "Triangle" if d == 2 else "Polyline"
+
+    def item(array: np.ndarray, fmt: str, number: str = "Float") -> str:
+        rows = "\n".join(" ".join(fmt % v for v in row) for row in array.reshape(array.shape[0], -1))
+        return (f'<DataItem Dimensions="{" ".join(map(str, array.shape))}" NumberType="{number}" Format="XML">\n'
+                f"{rows}\n</DataItem>")
+
+    mesh = "xpointer(/Xdmf/Domain/Grid[@Name='mesh']/{})"
+    parts = ['<?xml version="1.0"?>', '<Xdmf Version="3.0" xmlns:xi="http://www.w3.org/2001/XInclude">', "<Domain>",
+             '<Grid Name="mesh" GridType="Uniform">',
+             f'<Topology TopologyType="{topology}" NumberOfElements="{cells.shape[0]}" NodesPerElement="{d + 1}">',
+             item(cells, "%d", "Int"), "</Topology>", '<Geometry GeometryType="XY">', item(xy, "%.17g"),
+             "</Geometry>", "</Grid>", '<Grid Name="density" GridType="Collection" CollectionType="Temporal">']
+    for t, p in zip(times, policies):
+        parts += ['<Grid Name="density" GridType="Uniform">', f'<xi:include xpointer="{mesh.format("Geometry")}"/>',
+                  f'<xi:include xpointer="{mesh.format("Topology")}"/>', f'<Time Value="{float(t)!r}"/>']
+        for name, field in ((f"{prefix}_s{i}", data[i]) for i in xdmf_states(p.shape[0])
+                            for prefix, data in (("density", p), ("pi_star", pi_star))):
+            parts += [f'<Attribute Name="{name}" AttributeType="Scalar" Center="Node">', item(field, "%.10g"),
+                      "</Attribute>"]
+        parts.append("</Grid>")
+    parts += ["</Grid>", "</Domain>", "</Xdmf>", ""]
+    file.write_text("\n".join(parts))
 
 
 def read_history(path: Path) -> dict[str, np.ndarray]:

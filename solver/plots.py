@@ -6,6 +6,13 @@
 * ``density.png``: for up to three states, the density ``p(t, a)`` over time and action (colour), and
   the density at a few snapshot times beside ``pi*``.
 * ``policy.png``: the final policy and ``pi*`` over ``(s, a)``, and their difference.
+* ``rates.png`` (Wasserstein runs, from ``rates.csv``): the local rate ``r(t)`` at the snapshots, the bound
+  ``2 tau C_lo / kappa_t`` of math.md §5.3(c), the predicted asymptotic and the fitted rates (log y axis).
+
+For 2D actions (``solution["actions"]`` of shape ``(M, 2)`` with ``cells``) density and policy are filled
+contours on the action mesh: ``density.png`` shows up to three states (rows) at four snapshot times and ``pi*``
+(columns), one colour scale per state; ``policy.png`` the final policy, ``pi*`` and their difference at the
+middle state.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.colors import LogNorm  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from .outputs import read_run  # noqa: E402
 
@@ -25,8 +33,46 @@ from .outputs import read_run  # noqa: E402
 def plot_run(path: Path) -> list[Path]:
     """Draw all plots of the run in ``path``; return the files written."""
     summary, history, solution = read_run(path)
-    return [convergence(path, summary, history), density(path, summary, solution),
-            policy(path, solution)]
+    written = [convergence(path, summary, history), density(path, summary, solution),
+               policy(path, solution)]
+    rates_file = rates(path, summary)
+    return written + ([rates_file] if rates_file else [])
+
+
+def rates(path: Path, summary: dict) -> Path | None:
+    """``rates.png`` from ``rates.csv`` (math.md §5.3(c)); None if the run has no ``rates.csv``."""
+    from .lsi import read_rates
+
+    table = read_rates(path)
+    if table is None:
+        return None
+    t, r, bound = table["t"], table["local_rate"], table["bound"]
+    fig, ax = plt.subplots(figsize=(8, 4.8))
+    ok = np.isfinite(r) & (r > 0)
+    ax.semilogy(t[ok], r[ok], "o-", color="C0", lw=2, label=r"local rate $r(t)=\dot J/(J^*-J)$")
+    positive = np.isfinite(bound) & (bound > 0)
+    ax.semilogy(t[positive], bound[positive], "s--", color="C3", lw=2,
+                label=r"bound $2\tau C_{lo}/\kappa_t$ (math.md §5.3(c))")
+    if summary.get("predicted_rate") is not None:
+        ax.axhline(summary["predicted_rate"], color="k", ls=":", lw=2,
+                   label=f"predicted asymptotic rate {summary['predicted_rate']:.4g}")
+    if summary.get("measured_rate") is not None:
+        ax.axhline(summary["measured_rate"], color="C2", ls="-.", lw=1.5,
+                   label=f"measured (fitted) rate {summary['measured_rate']:.4g}")
+    failed = table["holds"] == 0
+    if failed.any():
+        ax.semilogy(t[failed], r[failed], "x", color="r", ms=10, mew=2, label="check fails")
+    ax.set_xscale("symlog", linthresh=t[1] if t.size > 1 and t[1] > 0 else 1.0)
+    ax.set_xlabel("flow time t (snapshots)")
+    ax.set_ylabel("rate (per unit time)")
+    ax.set_title(f"{summary['model']}: local rate vs the LSI bound along the flow")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    out = path / "rates.png"
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
 
 
 def convergence(path: Path, summary: dict, history: dict) -> Path:
@@ -75,6 +121,8 @@ def _states_to_show(n: int) -> list[int]:
 
 
 def density(path: Path, summary: dict, solution: dict) -> Path:
+    if solution["actions"].ndim == 2:
+        return _density_2d(path, solution)
     times, snaps = solution["snapshots_t"], solution["snapshots_pi"]
     a, states, pi_star = solution["actions"], solution["states"], solution["pi_star"]
     shown = _states_to_show(states.size)
@@ -113,6 +161,8 @@ def _edges(x: np.ndarray) -> np.ndarray:
 
 
 def policy(path: Path, solution: dict) -> Path:
+    if solution["actions"].ndim == 2:
+        return _policy_2d(path, solution)
     a, states = solution["actions"], solution["states"]
     final, star = solution["pi_final"], solution["pi_star"]
     if states.size == 1:
@@ -144,5 +194,72 @@ def policy(path: Path, solution: dict) -> Path:
     fig.tight_layout()
     out = path / "policy.png"
     fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+def _state_label(states: np.ndarray, i: int) -> str:
+    s = np.atleast_1d(states[i])
+    return "s = " + (f"{s[0]:.3g}" if s.size == 1 else "(" + ", ".join(f"{x:.3g}" for x in s) + ")")
+
+
+def _contour(ax, a: np.ndarray, cells: np.ndarray, values: np.ndarray, levels: np.ndarray, cmap: str = "viridis",
+             ylabel: bool = True):
+    """Filled contours of the P1 field ``values`` on the triangles ``cells`` of the DOF coordinates ``a``."""
+    filled = ax.tricontourf(a[:, 0], a[:, 1], cells, values, levels=levels, cmap=cmap, extend="both")
+    ax.set_aspect("equal")
+    ax.set_xlabel("action $a_1$")
+    if ylabel:
+        ax.set_ylabel("action $a_2$")
+    return filled
+
+
+def _colorbar(fig, filled, axes, label: str, ticks=None) -> None:
+    fig.colorbar(filled, ax=axes, label=label, shrink=0.9, ticks=MaxNLocator(6) if ticks is None else ticks,
+                 format="%.3g")
+
+
+def _density_2d(path: Path, solution: dict) -> Path:
+    """Filled contours of ``p(t, a)`` for up to three states (rows) at four snapshot times and ``pi*`` (columns)."""
+    times, snaps, states = solution["snapshots_t"], solution["snapshots_pi"], solution["states"]
+    a, cells, pi_star = solution["actions"], solution["cells"], solution["pi_star"]
+    shown = _states_to_show(len(states))
+    picks = np.unique(np.linspace(0, times.size - 1, min(4, times.size)).round().astype(int))
+    fig, axes = plt.subplots(len(shown), picks.size + 1, figsize=(3.2 * (picks.size + 1) + 1.2, 3.2 * len(shown)),
+                             squeeze=False, layout="constrained")
+    for row, i in zip(axes, shown):
+        vmax = max(float(snaps[picks, i].max()), float(pi_star[i].max()))
+        levels = np.linspace(0, vmax if vmax > 0 else 1.0, 21)  # one colour scale per state
+        for col, (ax, k) in enumerate(zip(row, picks)):
+            filled = _contour(ax, a, cells, snaps[k, i], levels, ylabel=col == 0)
+            ax.set_title(f"{_state_label(states, i)}, t = {times[k]:.3g}", fontsize=10)
+        _contour(row[-1], a, cells, pi_star[i], levels, ylabel=False)
+        row[-1].set_title(rf"{_state_label(states, i)}: optimum $\pi^*$", fontsize=10)
+        _colorbar(fig, filled, list(row), "policy density")
+    out = path / "density.png"
+    fig.savefig(out, dpi=90)
+    plt.close(fig)
+    return out
+
+
+def _policy_2d(path: Path, solution: dict) -> Path:
+    """Final policy and ``pi*`` at the middle state (shared colour scale) and their difference."""
+    states, final, star = solution["states"], solution["pi_final"], solution["pi_star"]
+    a, cells = solution["actions"], solution["cells"]
+    i = len(states) // 2
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4.2), layout="constrained")
+    vmax = float(max(np.nanmax(final[i]), star[i].max()))
+    levels = np.linspace(0, vmax if vmax > 0 else 1.0, 21)
+    for ax, data, title in ((axes[0], final[i], r"final policy $\pi_T$"), (axes[1], star[i], r"optimum $\pi^*$")):
+        filled = _contour(ax, a, cells, data, levels, ylabel=ax is axes[0])
+        ax.set_title(f"{title} at {_state_label(states, i)}")
+    _colorbar(fig, filled, list(axes[:2]), "policy density")
+    diff = final[i] - star[i]
+    bound = float(np.nanmax(np.abs(diff))) or 1.0
+    filled = _contour(axes[2], a, cells, diff, np.linspace(-bound, bound, 21), cmap="RdBu_r", ylabel=False)
+    axes[2].set_title(rf"difference $\pi_T-\pi^*$ (max $|\cdot|$ {bound:.2e})")
+    _colorbar(fig, filled, axes[2], r"$\pi_T-\pi^*$", np.linspace(-bound, bound, 5))
+    out = path / "policy.png"
+    fig.savefig(out, dpi=90)
     plt.close(fig)
     return out

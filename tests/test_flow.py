@@ -171,13 +171,16 @@ def test_bandit_gap_matches_closed_form():
 # --- rates ------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("tau", [0.1, 0.3])
+@pytest.mark.parametrize("tau", [0.05, 0.1, 0.3])
 def test_lqr_rate_matches_oracle(tau):
     """math.md §7.2: implicit Euler's gap rate is 2 log(1 + 2 alpha dt)/dt, independent of tau.
 
     At tau <= 0.3 the Gibbs policies stay > 5 standard deviations inside [-6, 6] at every state, so all
     states share the gap 2 alpha and the fit on [1e-10, 1e-5] is clean (math.md §8.6). At tau = 1 the
     outer states' truncated policies relax faster and the same window reads ~4% high (see README).
+    The smaller tau, the narrower the Gibbs policy (std sqrt(tau / (2 alpha)) = 0.17 = 3.6 cells at
+    tau = 0.05), and the discrete gap is O(h^2 / Sigma) below 2 alpha: measured -1.2%, -0.55%, -0.29% at
+    256, 384, 512 cells for tau = 0.05 (ratio 2.25 per refinement, second order), inside the 2% bar.
     """
     dt = 0.01
     mdp = build_mdp(lqr(**LQR_PARAMS), np.linspace(-6, 6, 81), interval_space(-6, 6, 256), 0.9, tau)
