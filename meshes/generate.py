@@ -157,7 +157,8 @@ def write_xdmf(path: Path, points: np.ndarray, triangles: np.ndarray) -> None:
         f'<Topology TopologyType="Triangle" NumberOfElements="{triangles.shape[0]}" NodesPerElement="3">\n'
         f'<DataItem Dimensions="{triangles.shape[0]} 3" NumberType="Int" Format="XML">\n{cells}\n</DataItem>\n'
         '</Topology>\n<Geometry GeometryType="XY">\n'
-        f'<DataItem Dimensions="{points.shape[0]} 2" Format="XML">\n{coords}\n</DataItem>\n'
+        f'<DataItem Dimensions="{points.shape[0]} 2" NumberType="Float" Precision="8" Format="XML">\n{coords}\n'
+        '</DataItem>\n'
         '</Geometry>\n</Grid>\n</Domain>\n</Xdmf>\n')
 
 

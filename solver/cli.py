@@ -1,4 +1,5 @@
-"""Command line: ``wpgflow run CONFIG``, ``wpgflow plot RUN_DIR`` and ``wpgflow sweep CONFIG`` (:mod:`solver.sweep`).
+"""Command line: ``wpgflow run CONFIG``, ``wpgflow plot RUN_DIR``, ``wpgflow sweep CONFIG`` (:mod:`solver.sweep`) and
+``wpgflow lsi RUN_DIR`` (:mod:`solver.lsi`).
 
 Exit codes: 0 success; 1 the run failed numerically (what was computed is kept); 2 bad input (one line on
 stderr naming the key and what is allowed; nothing is written).
@@ -36,6 +37,10 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--quiet", action="store_true", help="no progress bar and no report")
     plot = sub.add_parser("plot", help="redraw the plots of a run directory")
     plot.add_argument("run_dir", type=Path)
+    lsi = sub.add_parser("lsi", help="LSI bracket and Poincare constant of a Gibbs policy of a run (math.md §5)")
+    lsi.add_argument("run_dir", type=Path)
+    lsi.add_argument("--state", type=int, help="state index (default: the slowest state, smallest generator gap)")
+    lsi.add_argument("--time", type=float, help="use the snapshot nearest this flow time (default: the optimum Q*)")
     sweep = sub.add_parser("sweep", help="run a grid of runs (parameter values x flow kinds) in parallel processes")
     sweep.add_argument("config", type=Path, help="experiment config (TOML), e.g. experiments/sweep_tau_lqr.toml")
     sweep.add_argument("--param", metavar="KEY=V1,V2,...",
@@ -59,6 +64,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "sweep":
             from .sweep import command
             return command(args)
+        if args.command == "lsi":
+            return _lsi(args)
         return _plot(args)
     except ConfigError as exc:
         print(f"wpgflow: error: {exc}", file=sys.stderr)
@@ -137,6 +144,41 @@ def _report(s: dict, out: Path) -> str:
         f"  results in {out}/",
     ]
     return "\n".join(lines)
+
+
+def _lsi(args) -> int:
+    """``wpgflow lsi RUN_DIR [--state i] [--time t]``: bracket of ``G^{pi_t}_s`` (``Q*`` without ``--time``)."""
+    import math
+
+    import numpy as np
+
+    from . import bellman, config as config_module, experiment, lsi, outputs
+
+    if not (args.run_dir / "config.toml").exists():
+        raise ConfigError(f"{args.run_dir}: not a run directory (missing config.toml)")
+    _, _, solution = outputs.read_run(args.run_dir)
+    problem = experiment.build(config_module.load(args.run_dir / "config.toml"))
+    mdp = problem.mdp
+    if args.state is not None and not 0 <= args.state < mdp.n_states:
+        raise ConfigError(f"--state: must be a state index in 0..{mdp.n_states - 1} (got {args.state})")
+    if args.time is None:
+        Q, where = problem.optimum.Q, "optimum Q*"
+    else:
+        times = solution["snapshots_t"]
+        if not (math.isfinite(args.time) and times.size and 0 <= args.time <= times[-1] * (1 + 1e-12)):
+            raise ConfigError(f"--time: must be a flow time in [0, {times[-1] if times.size else 0:g}] "
+                              f"(the run's snapshots; got {args.time:g})")
+        k = int(np.argmin(np.abs(times - args.time)))
+        Q, where = bellman.evaluate(mdp, solution["snapshots_pi"][k]).Q, f"snapshot t = {times[k]:.6g}"
+    r = lsi.state_report(problem, Q, args.state)
+    print(f"Gibbs policy G_s at state {r['state']} (s = {np.ravel(mdp.states[r['state']]).tolist()}), {where}, "
+          f"tau = {r['tau']:g}")
+    print(f"  LSI constant C in [{r['lower']:.6g}, {r['upper']:.6g}]")
+    print(f"    lower: {r['lower_method']}")
+    print(f"    upper: {r['upper_method']}")
+    print(f"  Poincare constant lambda = {r['poincare']:.6g}   (tau lambda = {r['tau'] * r['poincare']:.6g})")
+    print(f"  discrete generator gap ell = {r['ell']:.6g}   (math.md §5.3(e): ell -> tau lambda as h -> 0)")
+    return 0
 
 
 def _plot(args) -> int:

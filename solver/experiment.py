@@ -174,6 +174,7 @@ def summarise(problem: Problem, result: RunResult, setup_time: float, along=None
         "predicted_rate_bound": None,
         "lsi_bracket": None,
         "local_rate_check": along.all_hold if along is not None else None,
+        "local_rate_check_continuum": along.all_hold_continuum if along is not None else None,
         "steps": steps,
         "t_final": float(t[-1]),
         "setup_time_s": setup_time,

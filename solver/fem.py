@@ -189,13 +189,13 @@ def _space_from_mesh(mesh, source: str = "mesh") -> ActionSpace:
     stiffness = dolfinx.fem.assemble_matrix(dolfinx.fem.form(ufl.inner(ufl.grad(u), ufl.grad(v)) * ufl.dx))
     stiffness.finalize()
     lumped = dolfinx.fem.assemble_vector(dolfinx.fem.form(v * ufl.dx)).array.copy()
-    gdim = mesh.geometry.dim
-    coords = V.tabulate_dof_coordinates()[:, :gdim].copy()
-    dofmap = V.dofmap.list.array.reshape(-1, mesh.topology.dim + 1).copy()
+    tdim = mesh.topology.dim  # planar meshes only (mesh_space checks z = 0): the coordinates that matter
+    coords = V.tabulate_dof_coordinates()[:, :tdim].copy()
+    dofmap = V.dofmap.list.array.reshape(-1, tdim + 1).copy()
     K = sp.csr_matrix((stiffness.data.copy(), stiffness.indices.copy(), stiffness.indptr.copy()),
                       shape=(coords.shape[0],) * 2)
-    if not np.all(lumped > 0):
-        raise ConfigError(f"{source} has degenerate (zero-area) cells")
+    if not (np.all(np.isfinite(K.data)) and np.all(lumped > 0)):
+        raise ConfigError(f"{source} has degenerate (zero-area) cells or unused vertices")
     return _renumbered(coords, lumped, K, dofmap, source)
 
 

@@ -110,8 +110,9 @@ def write_density_xdmf(file: Path, coords: np.ndarray, cells: np.ndarray, times:
 
     def item(array: np.ndarray, fmt: str, number: str = "Float") -> str:
         rows = "\n".join(" ".join(fmt % v for v in row) for row in array.reshape(array.shape[0], -1))
-        return (f'<DataItem Dimensions="{" ".join(map(str, array.shape))}" NumberType="{number}" Format="XML">\n'
-                f"{rows}\n</DataItem>")
+        precision = ' Precision="8"' if number == "Float" else ""  # XDMF's default is 4-byte floats
+        return (f'<DataItem Dimensions="{" ".join(map(str, array.shape))}" NumberType="{number}"{precision} '
+                f'Format="XML">\n{rows}\n</DataItem>')
 
     mesh = "xpointer(/Xdmf/Domain/Grid[@Name='mesh']/{})"
     parts = ['<?xml version="1.0"?>', '<Xdmf Version="3.0" xmlns:xi="http://www.w3.org/2001/XInclude">', "<Domain>",

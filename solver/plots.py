@@ -51,8 +51,10 @@ def rates(path: Path, summary: dict) -> Path | None:
     ok = np.isfinite(r) & (r > 0)
     ax.semilogy(t[ok], r[ok], "o-", color="C0", lw=2, label=r"local rate $r(t)=\dot J/(J^*-J)$")
     positive = np.isfinite(bound) & (bound > 0)
+    ax.semilogy(t[positive], table["bound_continuum"][positive], "--", color="C1", lw=1.5,
+                label=r"continuum bound $2\tau C_{lo}/\kappa_t$ (math.md §5.3(c))")
     ax.semilogy(t[positive], bound[positive], "s--", color="C3", lw=2,
-                label=r"bound $2\tau C_{lo}/\kappa_t$ (math.md §5.3(c))")
+                label=r"checked bound $\theta_h\,2\tau C_{lo}/\kappa_t$ (discrete factor $\theta_h$)")
     if summary.get("predicted_rate") is not None:
         ax.axhline(summary["predicted_rate"], color="k", ls=":", lw=2,
                    label=f"predicted asymptotic rate {summary['predicted_rate']:.4g}")
@@ -63,6 +65,7 @@ def rates(path: Path, summary: dict) -> Path | None:
     if failed.any():
         ax.semilogy(t[failed], r[failed], "x", color="r", ms=10, mew=2, label="check fails")
     ax.set_xscale("symlog", linthresh=t[1] if t.size > 1 and t[1] > 0 else 1.0)
+    ax.set_xlim(left=0.0)
     ax.set_xlabel("flow time t (snapshots)")
     ax.set_ylabel("rate (per unit time)")
     ax.set_title(f"{summary['model']}: local rate vs the LSI bound along the flow")
@@ -215,8 +218,11 @@ def _contour(ax, a: np.ndarray, cells: np.ndarray, values: np.ndarray, levels: n
 
 
 def _colorbar(fig, filled, axes, label: str, ticks=None) -> None:
-    fig.colorbar(filled, ax=axes, label=label, shrink=0.9, ticks=MaxNLocator(6) if ticks is None else ticks,
-                 format="%.3g")
+    lo, hi = filled.levels[0], filled.levels[-1]
+    if ticks is None:  # round ticks inside the levels (outside, they would sit on the extension triangles)
+        ticks = MaxNLocator(6).tick_values(lo, hi)
+        ticks = ticks[(ticks >= lo) & (ticks <= hi)]
+    fig.colorbar(filled, ax=axes, label=label, shrink=0.9, ticks=ticks, format="%.3g")
 
 
 def _density_2d(path: Path, solution: dict) -> Path:
