@@ -68,13 +68,24 @@ class ResolventLU:
         return self._sparse.solve(b, trans=trans)
 
 
-def evaluate(mdp: MDP, p: np.ndarray) -> Evaluation:
-    """Soft policy evaluation: ``V^pi`` from ``(I - gamma P^pi) V = r^pi`` and ``Q^pi = R + gamma T V^pi``."""
-    masses = p * mdp.weights
-    r_pi = np.einsum("ij,ij->i", masses, mdp.reward) - mdp.tau * kl_divergence(mdp, p, mdp.log_mu)
-    lu = ResolventLU(mdp.kernel.policy_matrix(masses), mdp.gamma)
-    V = lu.solve(r_pi)
-    return Evaluation(V=V, Q=q_values(mdp, V), lu=lu)
+def evaluate(mdp: MDP, p: np.ndarray, partition=None) -> Evaluation:
+    """Soft policy evaluation: ``V^pi`` from ``(I - gamma P^pi) V = r^pi`` and ``Q^pi = R + gamma T V^pi``.
+
+    With a :class:`solver.parallel.Partition` (MPI over states) each rank computes ``r^pi``, ``P^pi`` and
+    ``Q`` on its own rows and gathers them; the LU and the solve for ``V`` are replicated on every rank.
+    """
+    rows = slice(None) if partition is None else partition.rows
+    local = p[rows]
+    masses = local * mdp.weights
+    r_pi = np.einsum("ij,ij->i", masses, mdp.reward[rows]) - mdp.tau * kl_divergence(mdp, local, mdp.log_mu)
+    if partition is None:
+        lu = ResolventLU(mdp.kernel.policy_matrix(masses), mdp.gamma)
+        V = lu.solve(r_pi)
+        return Evaluation(V=V, Q=q_values(mdp, V), lu=lu)
+    lu = ResolventLU(partition.gather_csr(mdp.kernel.policy_matrix(masses, rows)), mdp.gamma)
+    V = lu.solve(partition.gather(r_pi))
+    Q = partition.gather(mdp.reward[rows] + mdp.gamma * mdp.kernel.expect(V, rows))
+    return Evaluation(V=V, Q=Q, lu=lu)
 
 
 def q_values(mdp: MDP, V: np.ndarray) -> np.ndarray:

@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-from . import __version__
+from . import __version__, parallel
 from .bellman import ConvergenceError
 from .config import ConfigError
 
@@ -59,6 +59,8 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
+        if args.command != "run" and parallel.launched_size() > 1:
+            raise ConfigError(f"mpirun: only 'wpgflow run' runs on several MPI ranks (got 'wpgflow {args.command}')")
         if args.command == "run":
             return _run(args)
         if args.command == "sweep":
@@ -68,10 +70,12 @@ def main(argv: list[str] | None = None) -> int:
             return _lsi(args)
         return _plot(args)
     except ConfigError as exc:
-        print(f"wpgflow: error: {exc}", file=sys.stderr)
+        if parallel.launched_rank() == 0:  # under mpirun every rank raises it; rank 0 says it once
+            print(f"wpgflow: error: {exc}", file=sys.stderr)
         return 2
     except ConvergenceError as exc:
-        print(f"wpgflow: error: {exc}", file=sys.stderr)
+        if parallel.launched_rank() == 0:
+            print(f"wpgflow: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("wpgflow: interrupted", file=sys.stderr)
@@ -84,10 +88,13 @@ def _run(args) -> int:
     cfg = config_module.load(args.config, args.overrides)
     out = args.out if args.out is not None else Path("runs") / args.config.stem
     summary = execute(cfg, out, args.force, progress_bar=not args.quiet)
+    root = parallel.launched_rank() == 0
     if summary["status"] == "failed":
-        print(f"wpgflow: run failed: {summary['message']}; results up to the failure are in {out}/", file=sys.stderr)
+        if root:
+            print(f"wpgflow: run failed: {summary['message']}; results up to the failure are in {out}/",
+                  file=sys.stderr)
         return 1
-    if not args.quiet:
+    if root and not args.quiet:
         print(_report(summary, out))
     return 0
 
@@ -98,33 +105,52 @@ def execute(cfg, out: Path, force: bool = False, progress_bar: bool = False) -> 
     This is all of ``wpgflow run`` after the config is loaded (``wpgflow sweep`` calls it once per run).
     Raises :class:`ConfigError` / :class:`ConvergenceError` before anything is written; a numerical failure
     of the flow is reported as ``summary["status"] == "failed"`` with the files up to the failure written.
+
+    Under ``mpirun -n K`` (K > 1) the states are split over the ranks (:mod:`solver.parallel`); a ConfigError
+    on any rank is raised on every rank; rank 0 alone writes ``out`` and returns the full summary, the other
+    ranks return only ``status`` and ``message``.
     """
     from . import experiment, lsi, outputs, plots
     from .observers import HistoryCSV, Progress, Snapshots
 
+    comm = parallel.world_comm()
+    root = comm is None or comm.Get_rank() == 0
     start = time.perf_counter()
-    problem = experiment.build(cfg)  # all validation happens before anything is written
+    error = None
+    try:  # all validation happens before anything is written
+        if comm is not None and cfg.flow.kind != "wasserstein":
+            raise ConfigError(f"flow.kind: only 'wasserstein' runs on several MPI ranks (got {cfg.flow.kind!r}); "
+                              "run it without mpirun")
+        problem = experiment.build(cfg)
+        partition = parallel.Partition(comm, problem.mdp.n_states)
+        if root:
+            outputs.prepare_run_dir(out, force)
+            outputs.write_config(out, cfg)
+    except ConfigError as exc:
+        error = exc
+    parallel.agree(error, comm)
     setup_time = time.perf_counter() - start
-    outputs.prepare_run_dir(out, force)
-    outputs.write_config(out, cfg)
-    history = HistoryCSV(out)
+    history = HistoryCSV(out) if root else None
     snapshots = Snapshots(cfg.output.snapshots, cfg.flow.dt, cfg.flow.t_end)
-    observers = [history, snapshots]
-    progress = Progress(cfg.flow.t_end) if progress_bar else None
+    observers = [history, snapshots] if root else []
+    progress = Progress(cfg.flow.t_end) if progress_bar and root else None
     if progress:
         observers.append(progress)
     try:
-        result = experiment.run(problem, observers)
+        result = experiment.run(problem, observers, None if partition.serial else partition)
     finally:
-        history.close()
+        if history:
+            history.close()
         if progress:
             progress.close()
+    if not root:
+        return {"status": result.status, "message": result.message}
     snapshots.finish(result.final)
     along = None
     if cfg.flow.kind == "wasserstein" and result.rows and problem.mdp.n_actions > 1:
         along = lsi.along_flow(problem, snapshots.times, snapshots.policies)  # math.md §5.3(c)
         lsi.write_rates(out, along)
-    summary = experiment.summarise(problem, result, setup_time, along)
+    summary = experiment.summarise(problem, result, setup_time, along) | {"mpi_ranks": partition.size}
     outputs.write_summary(out, summary)
     outputs.write_solution(out, problem.mdp, problem.optimum, result.final, snapshots)
     plots.plot_run(out)

@@ -35,37 +35,45 @@ RATE_WINDOW = (1e-10, 1e-5)
 
 
 def record(mdp: MDP, state: flows.FlowState, J_star: float, scheme: str = "sg", previous: dict | None = None,
-           kind: str = "wasserstein") -> dict[str, float]:
+           kind: str = "wasserstein", partition=None) -> dict[str, float]:
     """The history row of one flow state (keys :data:`HISTORY_COLUMNS`).
 
     Args:
         previous: the row of the previous flow state (its ``J`` and ``dissipation`` are used), or None for
             the first row.
         kind: the flow kind (``config.FLOW_KINDS``); selects the statewise dissipation.
+        partition: a :class:`solver.parallel.Partition` (MPI over states): the statewise ``D^h`` and KL are
+            computed on this rank's rows and gathered / reduced; the row is the same on every rank.
     """
     ev, p = state.evaluation, state.p
+    rows = slice(None) if partition is None else partition.rows
     J = float(mdp.rho @ ev.V)
-    log_g, _ = bellman.log_gibbs(mdp, ev.Q)
+    log_g, _ = bellman.log_gibbs(mdp, ev.Q[rows])
+    kl_max = float(np.max(bellman.kl_divergence(mdp, p[rows], log_g)))
     return {
         "t": state.t,
         "dt": state.dt,
         "J": J,
         "gap": J_star - J,
-        "dissipation": predicted_dissipation(mdp, state, scheme, kind),
-        "kl_gibbs_max": float(np.max(bellman.kl_divergence(mdp, p, log_g))),
+        "dissipation": predicted_dissipation(mdp, state, scheme, kind, partition),
+        "kl_gibbs_max": kl_max if partition is None else partition.max(kl_max),
         "mass_error": float(np.max(np.abs(p @ mdp.weights - 1.0))),
         "min_density": float(np.min(p)),
         "dissipation_ratio": dissipation_ratio(J, state.dt, previous),
     }
 
 
-def predicted_dissipation(mdp: MDP, state: flows.FlowState, scheme: str = "sg", kind: str = "wasserstein") -> float:
+def predicted_dissipation(mdp: MDP, state: flows.FlowState, scheme: str = "sg", kind: str = "wasserstein",
+                          partition=None) -> float:
     """Predicted ``dJ/dt = rho^T (I - gamma P^pi)^{-1} D`` of the flow ``kind`` at ``state`` (NaN if none).
 
-    ``D`` is :func:`solver.flows.dissipation` (Wasserstein, math.md §4) or
-    :func:`solver.comparison.fisher_rao_dissipation` (math.md §6).
+    ``D`` is :func:`solver.flows.dissipation` (Wasserstein, math.md §4; on this rank's rows and gathered
+    with a ``partition``) or :func:`solver.comparison.fisher_rao_dissipation` (math.md §6).
     """
-    if kind == "wasserstein":
+    if kind == "wasserstein" and partition is not None:
+        rows = partition.rows
+        D = partition.gather(flows.dissipation(mdp, state.p[rows], state.g[rows], scheme))
+    elif kind == "wasserstein":
         D = flows.dissipation(mdp, state.p, state.g, scheme)
     elif kind == "fisher_rao":
         D = comparison.fisher_rao_dissipation(mdp, state.p, state.evaluation)

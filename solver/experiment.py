@@ -85,8 +85,11 @@ def initial_policy(config: Config, mdp: MDP) -> np.ndarray:
     return np.tile(density / total, (mdp.n_states, 1))
 
 
-def flow_states(problem: Problem) -> Iterable[flows.FlowState]:
-    """The flow of kind ``flow.kind`` (``config.FLOW_KINDS``) from the initial policy, up to ``flow.t_end``."""
+def flow_states(problem: Problem, partition=None) -> Iterable[flows.FlowState]:
+    """The flow of kind ``flow.kind`` (``config.FLOW_KINDS``) from the initial policy, up to ``flow.t_end``.
+
+    ``partition``: MPI over states (:mod:`solver.parallel`), "wasserstein" only.
+    """
     f = problem.config.flow
     p0 = initial_policy(problem.config, problem.mdp)
     if f.kind == "fisher_rao":
@@ -96,7 +99,7 @@ def flow_states(problem: Problem) -> Iterable[flows.FlowState]:
     if f.kind == "particles":
         return particles.particle_flow(problem.mdp, p0, f.dt, f.particles, f.seed, t_end=f.t_end)
     adaptive = flows.Adaptive(tol=f.adapt_tol, dt_max=f.dt_max) if f.adaptive else None
-    return flows.wasserstein_flow(problem.mdp, p0, f.dt, f.scheme, adaptive, t_end=f.t_end)
+    return flows.wasserstein_flow(problem.mdp, p0, f.dt, f.scheme, adaptive, t_end=f.t_end, partition=partition)
 
 
 @dataclass
@@ -110,21 +113,26 @@ class RunResult:
     message: str = ""
 
 
-def run(problem: Problem, observers: Iterable[Observer] = ()) -> RunResult:
-    """Run the flow until ``t_end`` or ``gap <= gap_tol``; non-finite values end it with status "failed"."""
+def run(problem: Problem, observers: Iterable[Observer] = (), partition=None) -> RunResult:
+    """Run the flow until ``t_end`` or ``gap <= gap_tol``; non-finite values end it with status "failed".
+
+    ``partition``: MPI over states (:mod:`solver.parallel`); every rank runs this loop (the observers are
+    rank 0's business) and the stopping test uses rank 0's gap, so all ranks stop together.
+    """
     f = problem.config.flow
     result = RunResult()
     J_star = problem.J_star
     start = time.perf_counter()
     try:
-        for state in flow_states(problem):
+        for state in flow_states(problem, partition):
             row = diagnostics.record(problem.mdp, state, J_star, f.scheme, result.rows[-1] if result.rows else None,
-                                     f.kind)
+                                     f.kind, partition)
             result.rows.append(row)
             result.final = state
             for observe in observers:
                 observe(row, state)
-            if row["gap"] <= f.gap_tol:
+            converged = row["gap"] <= f.gap_tol
+            if converged if partition is None else partition.bcast(converged):
                 result.status = "converged"
                 break
         else:
@@ -148,7 +156,8 @@ def summarise(problem: Problem, result: RunResult, setup_time: float, along=None
     decreases = -np.diff(J)
     max_decrease = float(decreases.max()) if decreases.size else 0.0
     fit = diagnostics.fit_rate(t, gap)
-    ell = diagnostics.generator_gaps(mdp, opt.Q, cfg.flow.scheme)
+    reuse = along is not None and along.ell_star is not None
+    ell = along.ell_star if reuse else diagnostics.generator_gaps(mdp, opt.Q, cfg.flow.scheme)
     ell_min = float(ell.min()) if mdp.n_actions > 1 else math.nan
     steps = len(rows) - 1
     summary = {

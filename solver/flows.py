@@ -302,21 +302,24 @@ class Adaptive:
 
 
 def wasserstein_flow(mdp: MDP, p0: np.ndarray, dt: float, scheme: str = "sg", adaptive: Adaptive | None = None,
-                     t_end: float = math.inf) -> Iterator[FlowState]:
+                     t_end: float = math.inf, partition=None) -> Iterator[FlowState]:
     """Yield the implicit-Euler WPG flow ``p^0, p^1, ...`` from ``p0`` (forever, or until ``t_end``).
 
-    The generator only steps; recording, progress and stopping rules belong to its consumer.
+    The generator only steps; recording, progress and stopping rules belong to its consumer. With a
+    :class:`solver.parallel.Partition` (MPI over states) each rank steps its own rows and the masses are
+    gathered, so every yielded state holds the full ``p``, ``V``, ``Q`` and ``g`` on every rank.
 
     Raises:
         NumericalError: if a step produces non-finite values.
     """
     space = mdp.space
+    rows = slice(None) if partition is None else partition.rows
     p = p0
     t, n = 0.0, 0
-    ev = _evaluate_checked(mdp, p, n, t)
+    ev = _evaluate_checked(mdp, p, n, t, partition)
     g = potential(mdp, ev.Q)
     yield FlowState(step=0, t=0.0, dt=0.0, p=p, evaluation=ev, g=g)
-    masses = p * space.weights
+    masses = p[rows] * space.weights  # this rank's rows (all rows without a partition)
     previous_increment, previous_dt = None, None
     while t < t_end * (1 - 1e-12):
         rejected = 0
@@ -324,13 +327,14 @@ def wasserstein_flow(mdp: MDP, p0: np.ndarray, dt: float, scheme: str = "sg", ad
             # fixed steps land on t = n dt exactly, without accumulating round-off in t
             t_new = min(t + dt if adaptive is not None else (n + 1) * dt, t_end)
             h = t_new - t
-            new_masses = implicit_step(space, masses, g, mdp.tau, h, scheme)
+            new_masses = implicit_step(space, masses, g[rows], mdp.tau, h, scheme)
             if adaptive is None:
                 break
             increment = new_masses - masses
             if previous_increment is None:
                 break
             err = 0.5 * np.max(np.sum(np.abs(increment - (h / previous_dt) * previous_increment), axis=1))
+            err = err if partition is None else partition.max(err)
             factor = 0.9 * math.sqrt(adaptive.tol / err) if err > 0 else 2.0
             if err <= adaptive.tol or h <= 1e-12 * max(1.0, t):
                 dt = min(adaptive.dt_max, h * min(2.0, max(0.5, factor)))
@@ -340,21 +344,21 @@ def wasserstein_flow(mdp: MDP, p0: np.ndarray, dt: float, scheme: str = "sg", ad
         if adaptive is not None:
             previous_increment, previous_dt = increment, h
         masses = new_masses
-        p = masses / space.weights
+        p = (masses if partition is None else partition.gather(masses)) / space.weights
         t = t_new
         n += 1
-        ev = _evaluate_checked(mdp, p, n, t)
+        ev = _evaluate_checked(mdp, p, n, t, partition)
         g = potential(mdp, ev.Q)
         yield FlowState(step=n, t=t, dt=h, p=p, evaluation=ev, g=g, rejected=rejected)
 
 
-def _evaluate_checked(mdp: MDP, p: np.ndarray, step: int, t: float) -> bellman.Evaluation:
+def _evaluate_checked(mdp: MDP, p: np.ndarray, step: int, t: float, partition=None) -> bellman.Evaluation:
     """Policy evaluation, refusing non-finite policies, values or a singular Bellman system."""
     where = f"at step {step} (t = {t:.6g})"
     if not np.all(np.isfinite(p)):
         raise NumericalError(f"non-finite values in the policy {where}")
     try:
-        ev = bellman.evaluate(mdp, p)
+        ev = bellman.evaluate(mdp, p, partition)
     except (RuntimeError, ValueError, np.linalg.LinAlgError) as exc:  # singular or non-finite I - gamma P^pi
         raise NumericalError(f"policy evaluation failed {where}: {exc}") from None
     if not (np.all(np.isfinite(ev.V)) and np.all(np.isfinite(ev.Q))):

@@ -315,7 +315,7 @@ def _starts(space: ActionSpace, fm: Forms, phi: np.ndarray, seed: int) -> dict[s
 
 
 def lsi_upper(space: ActionSpace, log_density: np.ndarray, fm: Forms | None = None,
-              pc: Poincare | None = None, seed: int = 0, maxiter: int = 400) -> RatioMinimum:
+              pc: Poincare | None = None, seed: int = 0, maxiter: int = 200) -> RatioMinimum:
     """Upper bound on the LSI constant: ``min(lambda, min over starts of the L-BFGS minimum of the ratio)``."""
     fm = forms(space, log_density) if fm is None else fm
     pc = poincare(space, log_density, fm) if pc is None else pc
@@ -496,6 +496,7 @@ class AlongFlow:
 
     ``bound_continuum = 2 tau C_lo / kappa`` with the continuum lower bound ``C_lo``; ``bound`` is it times
     ``discrete_factor`` (see :func:`discrete_factor`), the bound for the semi-discrete flow that is checked.
+    ``ell_star``: the generator gaps at ``Q*`` if they were computed for the factor (reused by the summary).
     """
 
     t: np.ndarray
@@ -506,6 +507,7 @@ class AlongFlow:
     holds: np.ndarray
     bound_continuum: np.ndarray
     discrete_factor: float
+    ell_star: np.ndarray | None
     seconds: float
 
     @property
@@ -564,7 +566,10 @@ def along_flow(problem, times, policies, scheme: str | None = None, theta: float
     start = time.perf_counter()
     mdp, J_star = problem.mdp, problem.J_star
     scheme = problem.config.flow.scheme if scheme is None else scheme
-    theta = discrete_factor(problem)[0] if theta is None else theta
+    ell_star = None
+    if theta is None:
+        ell_star = diagnostics.generator_gaps(mdp, problem.optimum.Q, scheme)
+        theta = discrete_factor(problem, ell_star)[0]
     d_star = occupancy(mdp, bellman.evaluate(mdp, problem.optimum.p))
     out = {c: [] for c in RATES_COLUMNS}
     for t, p in zip(times, policies):
@@ -584,7 +589,7 @@ def along_flow(problem, times, policies, scheme: str | None = None, theta: float
         for c, v in zip(RATES_COLUMNS, row):
             out[c].append(v)
     arrays = {c: np.array(v, float) for c, v in out.items()}
-    return AlongFlow(**arrays, discrete_factor=theta, seconds=time.perf_counter() - start)
+    return AlongFlow(**arrays, discrete_factor=theta, ell_star=ell_star, seconds=time.perf_counter() - start)
 
 
 def write_rates(path, along: AlongFlow) -> None:
@@ -597,13 +602,13 @@ def write_rates(path, along: AlongFlow) -> None:
 
 
 def read_rates(path) -> dict[str, np.ndarray] | None:
-    """The columns of ``rates.csv`` in the run directory ``path``, or None if there is none."""
+    """The columns of ``rates.csv`` in the run directory ``path`` (those its header names), or None if there is none."""
     file = Path(path) / "rates.csv"
     if not file.exists():
         return None
     with open(file, newline="") as f:
         rows = list(csv.DictReader(f))
-    return {c: np.array([float(r[c]) for r in rows]) for c in RATES_COLUMNS}
+    return {c: np.array([float(r[c]) for r in rows]) for c in (rows[0].keys() if rows else RATES_COLUMNS)}
 
 
 def optimum_summary(problem, ell: np.ndarray) -> dict:

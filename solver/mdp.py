@@ -85,19 +85,35 @@ class GaussianGridKernel:
             self._dense = None
             self._scatter = (np.arange(mean.shape[0])[:, None, None] * band + local).ravel()
 
-    def expect(self, V: np.ndarray) -> np.ndarray:
-        """``(T V)_ij = sum_k T_ijk V_k``, shape ``(N, M)``."""
-        return (self.matrix @ V).reshape(self.shape[:2])
+    def expect(self, V: np.ndarray, rows: slice | None = None) -> np.ndarray:
+        """``(T V)_ij = sum_k T_ijk V_k``, shape ``(N, M)``; only the states ``rows`` (a slice) if given."""
+        if rows is None:
+            return (self.matrix @ V).reshape(self.shape[:2])
+        m, w = self.shape[1], self.width  # every kernel row stores exactly ``width`` entries
+        a, b = rows.start * m * w, rows.stop * m * w
+        block = sp.csr_matrix((self.matrix.data[a:b], self.matrix.indices[a:b],
+                               self.matrix.indptr[rows.start * m:rows.stop * m + 1] - a),
+                              shape=((rows.stop - rows.start) * m, self.shape[2]))
+        return (block @ V).reshape(-1, m)
 
-    def policy_matrix(self, masses: np.ndarray) -> sp.csr_matrix:
-        """``P^pi_ik = sum_j m_ij T_ijk`` for action masses ``m`` ``(N, M)``, as a sparse ``(N, N)`` matrix."""
+    def policy_matrix(self, masses: np.ndarray, rows: slice | None = None) -> sp.csr_matrix:
+        """``P^pi_ik = sum_j m_ij T_ijk`` for action masses ``m`` ``(N, M)``, as a sparse ``(N, N)`` matrix.
+
+        With ``rows`` (a slice of states), ``masses`` holds those rows only and the result is the
+        ``(rows, N)`` block, computed by the same operations per row (MPI over states, :mod:`solver.parallel`).
+        """
         n, band = self.shape[0], self._band
+        rows = slice(0, n) if rows is None else rows
+        nb = rows.stop - rows.start
         if self._dense is not None:
-            data = np.einsum("ij,ijb->ib", masses, self._dense).ravel()
+            data = np.einsum("ij,ijb->ib", masses, self._dense[rows]).ravel()
         else:
-            data = np.bincount(self._scatter, weights=(masses[..., None] * self._values).ravel(),
-                               minlength=n * band)
-        return sp.csr_matrix((data, self._band_cols, np.arange(0, n * band + 1, band)), shape=(n, n))
+            per_state = self.shape[1] * self.width
+            scatter = self._scatter[rows.start * per_state:rows.stop * per_state] - rows.start * band
+            data = np.bincount(scatter, weights=(masses[..., None] * self._values[rows]).ravel(),
+                               minlength=nb * band)
+        return sp.csr_matrix((data, self._band_cols[rows.start * band:rows.stop * band],
+                              np.arange(0, nb * band + 1, band)), shape=(nb, n))
 
 
 @dataclass(frozen=True)

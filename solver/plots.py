@@ -51,8 +51,9 @@ def rates(path: Path, summary: dict) -> Path | None:
     ok = np.isfinite(r) & (r > 0)
     ax.semilogy(t[ok], r[ok], "o-", color="C0", lw=2, label=r"local rate $r(t)=\dot J/(J^*-J)$")
     positive = np.isfinite(bound) & (bound > 0)
-    ax.semilogy(t[positive], table["bound_continuum"][positive], "--", color="C1", lw=1.5,
-                label=r"continuum bound $2\tau C_{lo}/\kappa_t$ (math.md §5.3(c))")
+    if "bound_continuum" in table:
+        ax.semilogy(t[positive], table["bound_continuum"][positive], "--", color="C1", lw=1.5,
+                    label=r"continuum bound $2\tau C_{lo}/\kappa_t$ (math.md §5.3(c))")
     ax.semilogy(t[positive], bound[positive], "s--", color="C3", lw=2,
                 label=r"checked bound $\theta_h\,2\tau C_{lo}/\kappa_t$ (discrete factor $\theta_h$)")
     if summary.get("predicted_rate") is not None:

@@ -1,0 +1,152 @@
+"""MPI over states: ``mpirun -n K wpgflow run CONFIG`` splits the ``N`` states into ``K`` contiguous blocks.
+
+Design (one rank = one block of states; the action mesh is replicated per rank, built with ``MPI.COMM_SELF``
+in :mod:`solver.fem`; every rank builds the same MDP and solves for ``pi*`` by itself):
+
+* **Own block** (rows ``lo:hi`` of every ``(N, ...)`` array, :attr:`Partition.rows`): the policy reward
+  ``r^pi`` and the rows of ``P^pi`` (math.md §2), the rows of ``Q = R + gamma T V``, the implicit Euler step
+  of the flow (math.md §3, :func:`solver.flows.implicit_step` on a block of states) and the statewise
+  diagnostics ``D^h`` and ``KL(pi_s || G_s)``. These are the ``O(N M L)`` and ``O(N M)`` parts of a step.
+* **Gathered** (``MPI_Allgatherv``, so every rank holds the full array): ``r^pi`` ``(N,)``, ``P^pi`` (CSR rows),
+  the new masses ``(N, M)`` (every rank holds the full policy), ``Q`` ``(N, M)`` and ``D^h`` ``(N,)``.
+* **Replicated**: the LU of ``I - gamma P^pi`` (``N x N``) and the solves for ``V`` and the adjoint
+  ``(I - gamma P^pi)^{-T} rho``: ``O(N^3)`` once per step, cheap next to the ``O(N M L)`` row work.
+* Each row is computed by the same operations as in the serial run (row slices of the same arrays, and
+  block-diagonal per-state solves), so MPI results equal serial ones to round-off (tests/test_mpi.py).
+* Control decisions (adaptive step acceptance, ``gap <= gap_tol``) use values reduced over, or broadcast
+  from, all ranks, so every rank takes the same branch.
+
+Outputs (run directory, progress bar, report, plots) come from rank 0 only (:func:`solver.cli.execute`).
+Memory per rank: the whole MDP (reward ``N M``, kernel ``N M L`` values, the ``(N, M)`` policy and ``Q``);
+only the time per step is divided by ``K``. Only ``flow.kind = "wasserstein"`` runs under ``K > 1``.
+
+Without MPI, or with one rank, :func:`world_comm` is None and ``Partition(None, n)`` is serial: its gathers
+return their argument.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import scipy.sparse as sp
+
+from .config import ConfigError
+
+#: Environment variables by which MPI launchers announce the number of ranks (Open MPI, MPICH/Hydra and
+#: Slurm's PMI, PMIx); used to refuse commands that are not MPI-parallel without initialising MPI.
+_LAUNCHER_SIZE_VARIABLES = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE")
+_LAUNCHER_RANK_VARIABLES = ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK")
+
+
+class Partition:
+    """Contiguous blocks of ``n`` states over the ranks of ``comm`` (``comm`` None: one serial block).
+
+    Rank ``r`` owns states ``starts[r] : starts[r] + counts[r]``; the first ``n % K`` ranks get one more.
+
+    Attributes:
+        comm: the MPI communicator, or None.
+        rank, size: this rank and the number of ranks.
+        counts, starts: ``(K,)`` block sizes and first states.
+        rows: ``slice`` of this rank's states.
+    """
+
+    def __init__(self, comm, n: int):
+        self.comm = comm
+        self.size = 1 if comm is None else comm.Get_size()
+        self.rank = 0 if comm is None else comm.Get_rank()
+        if n < self.size:
+            raise ConfigError(f"states.n: {n} states cannot be split over {self.size} MPI ranks; "
+                              f"use at most {n} ranks")
+        self.n = n
+        self.counts = np.full(self.size, n // self.size) + (np.arange(self.size) < n % self.size)
+        self.starts = np.concatenate([[0], np.cumsum(self.counts)[:-1]])
+        self.rows = slice(int(self.starts[self.rank]), int(self.starts[self.rank] + self.counts[self.rank]))
+
+    @property
+    def serial(self) -> bool:
+        return self.size == 1
+
+    @property
+    def root(self) -> bool:
+        """True on the rank that writes outputs (rank 0)."""
+        return self.rank == 0
+
+    def gather(self, local: np.ndarray) -> np.ndarray:
+        """Allgatherv of the own rows: ``local`` ``(counts[rank], ...)`` -> the full ``(n, ...)`` on every rank."""
+        if self.serial:
+            return local
+        local = np.ascontiguousarray(local, dtype=float)
+        row = int(np.prod(local.shape[1:], dtype=np.int64))
+        full = np.empty((self.n,) + local.shape[1:])
+        self.comm.Allgatherv(local, [full, self.counts * row, self.starts * row, _mpi().DOUBLE])
+        return full
+
+    def gather_csr(self, block: sp.csr_matrix) -> sp.csr_matrix:
+        """The full CSR matrix from every rank's block of rows (same ``data``/``indices`` as a serial build)."""
+        if self.serial:
+            return block
+        per_row = self.gather(np.diff(block.indptr).astype(float)).astype(np.int64)
+        indptr = np.concatenate([[0], np.cumsum(per_row)])
+        nnz = indptr[self.starts + self.counts] - indptr[self.starts]
+        data = np.empty(indptr[-1])
+        indices = np.empty(indptr[-1], dtype=np.int64)
+        MPI = _mpi()
+        self.comm.Allgatherv(np.ascontiguousarray(block.data, dtype=float),
+                             [data, nnz, indptr[self.starts], MPI.DOUBLE])
+        self.comm.Allgatherv(np.ascontiguousarray(block.indices, dtype=np.int64),
+                             [indices, nnz, indptr[self.starts], MPI.INT64_T])
+        return sp.csr_matrix((data, indices, indptr), shape=(self.n, block.shape[1]))
+
+    def max(self, value: float) -> float:
+        """Maximum of ``value`` over the ranks."""
+        return value if self.serial else self.comm.allreduce(value, op=_mpi().MAX)
+
+    def bcast(self, value):
+        """Rank 0's ``value`` on every rank."""
+        return value if self.serial else self.comm.bcast(value, root=0)
+
+
+def _mpi():
+    from mpi4py import MPI
+
+    return MPI
+
+
+def world_comm():
+    """``MPI.COMM_WORLD`` if it has more than one rank, else None (serial)."""
+    comm = _mpi().COMM_WORLD
+    return comm if comm.Get_size() > 1 else None
+
+
+def _launcher(variables: tuple[str, ...], default: int) -> int:
+    for name in variables:
+        value = os.environ.get(name, "")
+        if value.isdigit():
+            return int(value)
+    return default
+
+
+def launched_size() -> int:
+    """Number of ranks announced by an MPI launcher's environment (1 without one); does not initialise MPI."""
+    return _launcher(_LAUNCHER_SIZE_VARIABLES, 1)
+
+
+def launched_rank() -> int:
+    """This process's rank announced by an MPI launcher's environment (0 without one); does not initialise MPI."""
+    return _launcher(_LAUNCHER_RANK_VARIABLES, 0)
+
+
+def agree(error: ConfigError | None, comm) -> None:
+    """Collective: if any rank of ``comm`` (None: serial) has a ConfigError, raise one on every rank.
+
+    The message is the lowest failing rank's, so that rank 0 can print it for all (one line, exit code 2).
+    """
+    if comm is None:
+        if error is not None:
+            raise error
+        return
+    messages = comm.allgather(None if error is None else str(error))
+    failed = [m for m in messages if m is not None]
+    if failed:
+        raise ConfigError(failed[0])

@@ -1,0 +1,114 @@
+"""MPI over states (solver/parallel.py): ``mpirun -n 2 wpgflow run`` equals the serial run.
+
+Each rank computes its rows by the same operations as the serial run (row slices, block-diagonal per-state
+solves) and the LU is replicated on identical gathered data, so the runs agree to round-off; the issue asks
+for 1e-10.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from solver import parallel
+from solver.config import ConfigError
+
+ROOT = Path(__file__).resolve().parent.parent
+WPGFLOW = str(Path(sys.executable).parent / "wpgflow")
+MPIRUN = shutil.which("mpirun")
+#: Open MPI refuses to run as root without these; -q drops mpirun's own banner on a non-zero exit code.
+MPI_ENV = os.environ | {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
+                        "OMPI_MCA_rmaps_base_oversubscribe": "1"}
+#: Small lqr_1d: 31 states split 16 + 15, 65 action DOFs; adaptive steps exercise the reduced error estimate.
+SMALL = ["--set", "states.n=31", "--set", "actions.cells=64", "--set", "flow.t_end=0.5",
+         "--set", "flow.adaptive=true", "--set", "output.snapshots=6", "--quiet"]
+#: The issue's requirement; the runs in fact agree bit for bit (same operations per row).
+TOLERANCE = 1e-10
+
+needs_mpirun = pytest.mark.skipif(MPIRUN is None, reason="mpirun not installed (Debian: openmpi-bin)")
+
+
+def _wpgflow(out: Path, *extra: str, ranks: int | None = None) -> subprocess.CompletedProcess:
+    command = [WPGFLOW, "run", str(ROOT / "experiments" / "lqr_1d.toml"), *SMALL, "--out", str(out), *extra]
+    if ranks is not None:
+        command = [MPIRUN, "-q", "-n", str(ranks), *command]
+    return subprocess.run(command, capture_output=True, text=True, env=MPI_ENV, cwd=ROOT, timeout=300)
+
+
+def _history(path: Path) -> tuple[list[str], np.ndarray]:
+    with open(path / "history.csv") as f:
+        rows = list(csv.reader(f))
+    return rows[0], np.array(rows[1:], dtype=float)
+
+
+@needs_mpirun
+def test_mpirun_two_ranks_equals_serial(tmp_path):
+    serial, mpi = _wpgflow(tmp_path / "serial"), _wpgflow(tmp_path / "mpi", ranks=2)
+    assert serial.returncode == 0, serial.stderr
+    assert mpi.returncode == 0, mpi.stderr
+    assert json.loads((tmp_path / "mpi" / "summary.json").read_text())["mpi_ranks"] == 2  # really split
+    assert json.loads((tmp_path / "serial" / "summary.json").read_text())["mpi_ranks"] == 1
+    columns, a = _history(tmp_path / "serial")
+    columns_mpi, b = _history(tmp_path / "mpi")
+    assert columns == columns_mpi and a.shape == b.shape and a.shape[0] > 5
+    assert np.array_equal(np.isnan(a), np.isnan(b))
+    assert np.nanmax(np.abs(a - b)) <= TOLERANCE
+    s, m = np.load(tmp_path / "serial" / "solution.npz"), np.load(tmp_path / "mpi" / "solution.npz")
+    assert sorted(s.files) == sorted(m.files)
+    for key in s.files:
+        assert s[key].shape == m[key].shape and np.max(np.abs(s[key] - m[key])) <= TOLERANCE, key
+
+
+@needs_mpirun
+@pytest.mark.parametrize("extra, key", [
+    (["--set", "flow.kind=fisher_rao", "--set", "flow.adaptive=false"], "flow.kind"),  # not MPI-parallel
+    (["--set", "flow.dt=-1"], "flow.dt"),  # refused by the config loader on every rank
+])
+def test_mpirun_config_error_exits_2_with_one_line(tmp_path, extra, key):
+    result = _wpgflow(tmp_path / "run", *extra, ranks=2)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"wpgflow: error: {key}"), result.stderr
+    assert not (tmp_path / "run").exists()
+
+
+@needs_mpirun
+def test_mpirun_error_on_rank_0_only_stops_every_rank(tmp_path):
+    """An existing run directory is seen by rank 0 alone; every rank must still exit 2 (no hang)."""
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "history.csv").write_text("")
+    result = _wpgflow(tmp_path / "run", ranks=2)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "run directory exists" in lines[0], result.stderr
+
+
+def test_partition_blocks():
+    """Contiguous blocks covering 0..n-1, sizes differing by at most one; the serial gathers are identities."""
+    part = parallel.Partition(None, 7)
+    assert part.serial and part.rows == slice(0, 7) and part.counts.tolist() == [7]
+    x = np.arange(14.0).reshape(7, 2)
+    assert part.gather(x) is x and part.max(3.0) == 3.0 and part.bcast("a") == "a"
+
+    class FakeComm:  # sizes and ranks only: the block arithmetic, without MPI
+        def __init__(self, size, rank):
+            self.size, self.rank = size, rank
+
+        def Get_size(self):
+            return self.size
+
+        def Get_rank(self):
+            return self.rank
+
+    blocks = [parallel.Partition(FakeComm(3, r), 7).rows for r in range(3)]
+    assert blocks == [slice(0, 3), slice(3, 5), slice(5, 7)]
+    with pytest.raises(ConfigError, match="states.n"):
+        parallel.Partition(FakeComm(3, 0), 2)
