@@ -8,7 +8,7 @@ SYSPY     := /usr/bin/python3
 DEB_PKGS  := python3-dolfinx-real python3-scipy python3-matplotlib python3-pytest python3-tqdm python3-venv python3-pip
 SYS_CHECK := import dolfinx, scipy, matplotlib, tqdm, pytest, ensurepip
 
-.PHONY: setup system-deps run test bench meshes clean
+.PHONY: setup system-deps run test bench bench-scaling meshes clean
 
 setup: $(WPGFLOW)
 
@@ -31,6 +31,10 @@ test: setup
 
 bench: setup
 	$(PY) benchmarks/bench_lqr_1d.py
+
+# Time per step and to gap 1e-8 vs states x action DOFs (1D and 2D), benchmarks/scaling.png, mpirun -n 1 vs 2.
+bench-scaling: setup
+	$(PY) benchmarks/bench_scaling.py
 
 # Regenerate meshes/*.xdmf from meshes/*.geo (needs Debian's gmsh and python3-meshio; runs do not).
 meshes:

@@ -114,7 +114,8 @@ def interval_space(lower: float, upper: float, cells: int) -> ActionSpace:
 def rectangle_space(lower: tuple[float, float], upper: tuple[float, float], cells: tuple[int, int]) -> ActionSpace:
     """P1 space on a structured triangulation of the rectangle ``[lower, upper]`` (``cells`` per side).
 
-    The "crossed" diagonal pattern (four right triangles per square) is Delaunay for any aspect ratio.
+    The "crossed" diagonal pattern (four triangles per cell) is Delaunay only for square cells; other aspect
+    ratios give positive stiffness couplings, which the M-matrix check refuses.
     """
     from mpi4py import MPI
     import dolfinx.mesh

@@ -31,8 +31,9 @@ masses stay >= 0 in floating point. Two batched direct solvers (:func:`implicit_
   occurs, by the diagonal dominance). Cost ``O(N M bw^2)``; optimal for 1D (tridiagonal) and small 2D meshes.
 * "sparse": a chunk of states as one block-diagonal CSC matrix, factorised by SuperLU with a fill-reducing
   ordering (minimum degree on ``A + A^T``) computed once per action space and reused for every state and
-  step (``NATURAL`` column order on the pre-permuted matrix, ``diag_pivot_thresh = 0``). Cost ~
-  ``O(N M log M)``-ish fill for 2D meshes; wins from a few hundred DOFs on (``benchmarks/bench_2d_action.py``).
+  step (``NATURAL`` column order on the pre-permuted matrix, ``diag_pivot_thresh = 0``). On 2D meshes the fill
+  grows like ``M log M`` and the work like ``M^1.5`` per state; it wins above a bandwidth of about 32
+  (``benchmarks/bench_2d_action.py``: 1.5x at 1000 DOFs, 4x at 4000 DOFs with 121 states).
 
 Both process the states in chunks so that the working memory stays below :data:`SOLVE_CHUNK_BYTES`.
 """

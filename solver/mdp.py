@@ -66,6 +66,7 @@ class GaussianGridKernel:
         values /= values.sum(axis=-1, keepdims=True)
         rows = mean.size
         self.width = width
+        self._row_blocks: dict[tuple[int, int], sp.csr_matrix] = {}  # expect(V, rows): this rank's block
         self.matrix = sp.csr_matrix((values.ravel(), cols.ravel(), np.arange(0, rows * width + 1, width)),
                                     shape=(rows, n))
         self._values = values
@@ -89,11 +90,11 @@ class GaussianGridKernel:
         """``(T V)_ij = sum_k T_ijk V_k``, shape ``(N, M)``; only the states ``rows`` (a slice) if given."""
         if rows is None:
             return (self.matrix @ V).reshape(self.shape[:2])
-        m, w = self.shape[1], self.width  # every kernel row stores exactly ``width`` entries
-        a, b = rows.start * m * w, rows.stop * m * w
-        block = sp.csr_matrix((self.matrix.data[a:b], self.matrix.indices[a:b],
-                               self.matrix.indptr[rows.start * m:rows.stop * m + 1] - a),
-                              shape=((rows.stop - rows.start) * m, self.shape[2]))
+        m = self.shape[1]
+        block = self._row_blocks.get((rows.start, rows.stop))
+        if block is None:  # built once per block: scipy copies a CSR made of slices of a larger array
+            block = self.matrix[rows.start * m:rows.stop * m]
+            self._row_blocks = {(rows.start, rows.stop): block}
         return (block @ V).reshape(-1, m)
 
     def policy_matrix(self, masses: np.ndarray, rows: slice | None = None) -> sp.csr_matrix:

@@ -20,6 +20,10 @@ Outputs (run directory, progress bar, report, plots) come from rank 0 only (:fun
 Memory per rank: the whole MDP (reward ``N M``, kernel ``N M L`` values, the ``(N, M)`` policy and ``Q``);
 only the time per step is divided by ``K``. Only ``flow.kind = "wasserstein"`` runs under ``K > 1``.
 
+Run: ``mpirun -n K .venv/bin/wpgflow run CONFIG`` (one rank per core; ``-q`` drops Open MPI's own banner when a
+rank exits with a non-zero code, so a bad config gives exactly one line; as root Open MPI also needs
+``--allow-run-as-root``). Other commands (``sweep``, ``plot``, ``lsi``) refuse to run on more than one rank.
+
 Without MPI, or with one rank, :func:`world_comm` is None and ``Partition(None, n)`` is serial: its gathers
 return their argument.
 """

@@ -1,0 +1,182 @@
+"""Benchmark: how a WPG run scales with the number of states N and of action DOFs M, and the MPI speed-up.
+
+For ``experiments/lqr_1d.toml`` (1D actions; N = 31, 61, 121, 241 states x M = 129, 257, 513, 1025 DOFs) and
+``experiments/lqr_2d_action.toml`` (2D actions on the crossed-diagonal square, ``fem.rectangle_space``; 41 states x
+145 .. 1201 DOFs), with ``flow.dt = 0.05`` and ``flow.gap_tol = 1e-8``, prints one table row per size:
+
+* ``L``: the kernel window (states reached by one transition, ``2 ceil(9 sigma / h_s) + 1``);
+* ``ms/step``: wall time per step of the whole run loop (evaluation, flow step, diagnostics row);
+* ``to 1e-8``: wall time of the run loop until ``gap <= 1e-8`` (setup excluded), and the number of steps;
+* the share of one step spent in policy evaluation (``r^pi``, ``P^pi``, LU, solve for ``V``), in the Q
+  computation (``Q = R + gamma T V``), in the flow step (edge rates + batched implicit solve) and in the
+  diagnostics row (``D^h``, KL, adjoint solve), from separately timed stages (best of several calls).
+
+The log-log plot ``benchmarks/scaling.png`` shows ms/step against ``N M`` with reference slopes 1 and 2: at
+fixed ``N`` the cost is linear in ``M``; at fixed ``M`` it grows like ``N L ~ N^2`` (the kernel window ``L`` grows
+with ``N`` on a fixed state interval).
+
+Finally the same 1D run (N = 121, M = 257) is timed under ``mpirun -n 1`` and ``mpirun -n 2`` (MPI over states,
+:mod:`solver.parallel`): the run loop's wall time from ``summary.json`` and the speed-up.
+
+Run: ``make bench-scaling`` (about 3 minutes on a quiet 2-core machine); ``--quick`` for a small subset.
+Timings on a loaded machine are noisy; every number here is wall time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from solver import bellman, config, diagnostics, experiment, flows
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIG_1D = ROOT / "experiments" / "lqr_1d.toml"
+CONFIG_2D = ROOT / "experiments" / "lqr_2d_action.toml"
+COMMON = ["flow.dt=0.05", "flow.gap_tol=1e-8", "flow.t_end=40", "output.snapshots=2"]
+STATES_1D, CELLS_1D = (31, 61, 121, 241), (128, 256, 512, 1024)
+STATES_2D, CELLS_2D = 41, (8, 12, 16, 24)  # crossed cells: (c + 1)^2 + c^2 DOFs = 145, 313, 545, 1201
+MPI_SIZE = ["states.n=121", "actions.cells=256"]
+STAGES = ("evaluation", "Q", "flow step", "diagnostics")
+
+
+def best_of(fn, repeat=3, budget=0.3):
+    """Best mean time per call over ``repeat`` batches of at least ``budget`` seconds each (after a warm-up)."""
+    fn()
+    best = np.inf
+    for _ in range(repeat):
+        calls, start = 0, time.perf_counter()
+        while calls == 0 or time.perf_counter() - start < budget:
+            fn()
+            calls += 1
+        best = min(best, (time.perf_counter() - start) / calls)
+    return best
+
+
+def solve_values(mdp, p):
+    """The part of :func:`solver.bellman.evaluate` before ``Q``: ``r^pi``, ``P^pi``, the LU and ``V``."""
+    masses = p * mdp.weights
+    r_pi = np.einsum("ij,ij->i", masses, mdp.reward) - mdp.tau * bellman.kl_divergence(mdp, p, mdp.log_mu)
+    return bellman.ResolventLU(mdp.kernel.policy_matrix(masses), mdp.gamma).solve(r_pi)
+
+
+def measure(path: Path, overrides: list[str]) -> dict:
+    """Build the problem, time the stages of one step, then run to gap 1e-8."""
+    cfg = config.load(path, COMMON + overrides)
+    problem = experiment.build(cfg)
+    mdp, dt = problem.mdp, cfg.flow.dt
+    p = experiment.initial_policy(cfg, mdp)
+    ev = bellman.evaluate(mdp, p)
+    g = flows.potential(mdp, ev.Q)
+    masses = p * mdp.weights
+    state = flows.FlowState(step=0, t=0.0, dt=0.0, p=p, evaluation=ev, g=g)
+    stages = {"evaluation": best_of(lambda: solve_values(mdp, p)), "Q": best_of(lambda: bellman.q_values(mdp, ev.V)),
+              "flow step": best_of(lambda: flows.implicit_step(mdp.space, masses, g, mdp.tau, dt, cfg.flow.scheme)),
+              "diagnostics": best_of(lambda: diagnostics.record(mdp, state, problem.J_star, cfg.flow.scheme))}
+    result = experiment.run(problem)
+    steps = len(result.rows) - 1
+    return {"dim": mdp.space.dim, "N": mdp.n_states, "M": mdp.n_actions, "L": mdp.kernel.width, "steps": steps,
+            "status": result.status, "gap": result.rows[-1]["gap"], "loop": result.loop_time,
+            "per_step": result.loop_time / max(steps, 1), "stages": stages}
+
+
+def table(rows: list[dict]) -> str:
+    head = (f"{'actions':>7s} {'N':>5s} {'M':>5s} {'L':>4s} {'N*M':>8s} {'ms/step':>9s} {'to 1e-8 (s)':>11s} "
+            f"{'steps':>6s}   " + " ".join(f"{name:>11s}" for name in STAGES))
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        total = sum(r["stages"].values())
+        shares = " ".join(f"{100 * r['stages'][name] / total:10.0f}%" for name in STAGES)
+        reached = f"{r['loop']:11.2f}" if r["status"] == "converged" else f"{'(' + format(r['gap'], '.0e') + ')':>11s}"
+        lines.append(f"{r['dim']:>6d}D {r['N']:5d} {r['M']:5d} {r['L']:4d} {r['N'] * r['M']:8d} "
+                     f"{1e3 * r['per_step']:9.2f} {reached} {r['steps']:6d}   {shares}")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.8))
+    for dim, marker in ((1, "o"), (2, "s")):
+        for n in sorted({r["N"] for r in rows if r["dim"] == dim}):
+            sel = sorted((r for r in rows if r["dim"] == dim and r["N"] == n), key=lambda r: r["M"])
+            ax.loglog([r["N"] * r["M"] for r in sel], [1e3 * r["per_step"] for r in sel], marker=marker,
+                      label=f"{dim}D actions, N = {n}")
+    x = np.array([r["N"] * r["M"] for r in rows], float)
+    y = np.array([1e3 * r["per_step"] for r in rows])
+    x0, y0 = x.min(), y[np.argmin(x)]
+    ref = np.geomspace(x.min(), x.max(), 10)
+    ax.loglog(ref, y0 * ref / x0, "k--", lw=0.8, label="slope 1")
+    ax.loglog(ref, y0 * (ref / x0) ** 2, "k:", lw=0.8, label="slope 2")
+    ax.set_ylim(0.5 * y.min(), 2 * y.max())
+    ax.set_xlabel("N M (states x action DOFs)")
+    ax.set_ylabel("wall time per step (ms)")
+    ax.set_title("WPG step cost (lqr, dt = 0.05, gap to 1e-8)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+
+
+def mpi_speedup(ranks=(1, 2)) -> str:
+    """Run the same config under ``mpirun -n K``; return the table of run-loop wall times and speed-ups."""
+    mpirun = shutil.which("mpirun")
+    if mpirun is None:
+        return "MPI speed-up: skipped (mpirun not installed; Debian: openmpi-bin)"
+    wpgflow = str(Path(sys.executable).parent / "wpgflow")
+    env = os.environ | {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
+                        "OMPI_MCA_rmaps_base_oversubscribe": "1"}
+    sets = [item for key in COMMON + MPI_SIZE for item in ("--set", key)]
+    lines = [f"MPI over states, lqr_1d {' '.join(MPI_SIZE)} (dt 0.05, to gap 1e-8):",
+             f"{'ranks':>5s} {'loop (s)':>9s} {'ms/step':>8s} {'steps':>6s} {'speed-up':>9s}"]
+    base = None
+    with tempfile.TemporaryDirectory() as tmp:
+        for k in ranks:
+            out = Path(tmp) / f"n{k}"
+            subprocess.run([mpirun, "-q", "-n", str(k), wpgflow, "run", str(CONFIG_1D), *sets, "--quiet", "--out",
+                            str(out)], check=True, env=env, cwd=ROOT)
+            s = json.loads((out / "summary.json").read_text())
+            loop = s["wall_time_s"] - s["setup_time_s"]
+            base = loop if base is None else base
+            lines.append(f"{k:5d} {loop:9.2f} {1e3 * s['time_per_step_s']:8.2f} {s['steps']:6d} {base / loop:9.2f}")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small sizes only (N <= 61, M <= 257, 2D <= 313 DOFs)")
+    parser.add_argument("--no-2d", action="store_true", help="skip the 2D-action rows")
+    parser.add_argument("--no-mpi", action="store_true", help="skip the mpirun speed-up")
+    parser.add_argument("--plot", type=Path, default=ROOT / "benchmarks" / "scaling.png", help="plot file")
+    args = parser.parse_args(argv)
+    states, cells = (STATES_1D[:2], CELLS_1D[:2]) if args.quick else (STATES_1D, CELLS_1D)
+    cells_2d = CELLS_2D[:2] if args.quick else CELLS_2D
+    cases = [(CONFIG_1D, [f"states.n={n}", f"actions.cells={c}"]) for n in states for c in cells]
+    if not args.no_2d:
+        cases += [(CONFIG_2D, [f"states.n={STATES_2D}", f"actions.cells={c}"]) for c in cells_2d]
+    print("lqr, flow.dt = 0.05, run loop to gap 1e-8; stage shares timed separately (best of 3)")
+    print("\n".join(table([]).splitlines()[:2]), flush=True)
+    rows = []
+    for path, overrides in cases:
+        rows.append(measure(path, overrides))
+        print(table(rows[-1:]).splitlines()[-1], flush=True)
+    plot(rows, args.plot)
+    print(f"\nplot: {args.plot}")
+    if not args.no_mpi:
+        print()
+        print(mpi_speedup())
+
+
+if __name__ == "__main__":
+    main()
