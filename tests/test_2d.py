@@ -275,3 +275,21 @@ def test_stress_2d_small_tau_large_dt(mesh, name, params, tau, dt):
     J = np.array(J)
     assert np.diff(J).min() > -1e-12 * np.abs(J).max()  # monotone up to round-off of V (~1e-13 |J|)
     assert J.max() < J_star + 1e-12 * abs(J_star)  # never beyond the optimum
+
+
+def test_generator_gaps_sparse_path_matches_dense(monkeypatch):
+    """Shift-invert Lanczos (meshes above DENSE_GAP_DOFS) finds the same gap as the dense eigen-solve."""
+    from solver import bellman, diagnostics, fem
+    from solver.mdp import build_mdp
+    from solver.models import build
+
+    space = fem.domain_space("disk", resolution="coarse", scale=1.5)
+    model = build("ring", {"A": 0.9, "B": [0.2, 0.1], "q": 1.0, "depth": 1.0, "radius": 1.0, "sigma": 0.3})
+    mdp = build_mdp(model, np.linspace(-1, 1, 5), space, 0.9, 0.3)
+    Q = bellman.soft_policy_iteration(mdp).Q
+    monkeypatch.setattr(diagnostics, "DENSE_GAP_DOFS", 10 ** 6)
+    dense = diagnostics.generator_gaps(mdp, Q)
+    monkeypatch.setattr(diagnostics, "DENSE_GAP_DOFS", 0)
+    sparse = diagnostics.generator_gaps(mdp, Q)
+    # both are converged to machine precision (tol=0 in eigsh); 1e-9 leaves room for the eigenvalue's conditioning
+    np.testing.assert_allclose(sparse, dense, rtol=1e-9)
