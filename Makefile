@@ -5,7 +5,10 @@ VENV      := .venv
 PY        := $(VENV)/bin/python
 WPGFLOW   := $(VENV)/bin/wpgflow
 SYSPY     := /usr/bin/python3
-DEB_PKGS  := python3-dolfinx-real python3-scipy python3-matplotlib python3-pytest python3-tqdm python3-venv python3-pip
+# libopenblas0-pthread: Debian's BLAS/LAPACK alternative, taken by numpy/scipy at load time (the reference BLAS
+# that python3-numpy pulls in is ~8x slower on the kernel products and LU solves; benchmarks/bench_memory.py).
+DEB_PKGS  := python3-dolfinx-real python3-scipy python3-matplotlib python3-pytest python3-tqdm python3-venv python3-pip \
+             libopenblas0-pthread
 SYS_CHECK := import dolfinx, scipy, matplotlib, tqdm, pytest, ensurepip
 
 .PHONY: setup system-deps run test bench bench-scaling meshes clean
@@ -14,7 +17,7 @@ setup: $(WPGFLOW)
 
 # Debian's DOLFINx 0.5.2 is built against Debian's numpy/scipy: install them all from apt, never from pip.
 system-deps:
-	@$(SYSPY) -c "$(SYS_CHECK)" 2>/dev/null || { \
+	@{ $(SYSPY) -c "$(SYS_CHECK)" && dpkg -s libopenblas0-pthread; } >/dev/null 2>&1 || { \
 	  echo "installing Debian packages: $(DEB_PKGS)"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(DEB_PKGS); }
 

@@ -62,10 +62,10 @@ def best_of(fn, repeat=3, budget=0.3):
 
 
 def solve_values(mdp, p):
-    """The part of :func:`solver.bellman.evaluate` before ``Q``: ``r^pi``, ``P^pi``, the LU and ``V``."""
+    """The part of :func:`solver.bellman.evaluate` before ``Q``: ``r^pi``, ``P^pi``, the resolvent solve and ``V``."""
     masses = p * mdp.weights
     r_pi = np.einsum("ij,ij->i", masses, mdp.reward) - mdp.tau * bellman.kl_divergence(mdp, p, mdp.log_mu)
-    return bellman.ResolventLU(mdp.kernel.policy_matrix(masses), mdp.gamma).solve(r_pi)
+    return bellman.Resolvent(mdp.kernel.policy_matrix(masses), mdp.gamma).solve(r_pi)
 
 
 def measure(path: Path, overrides: list[str]) -> dict:

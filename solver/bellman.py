@@ -32,40 +32,99 @@ class Evaluation:
     Attributes:
         V: ``(N,)`` soft value ``V^pi``.
         Q: ``(N, M)`` soft state-action value ``Q^pi``.
-        lu: sparse LU of ``I - gamma P^pi``, reused for the adjoint (occupancy/resolvent) solves.
+        resolvent: solver of ``I - gamma P^pi`` (:class:`Resolvent`), reused for the adjoint (occupancy) solves.
     """
 
     V: np.ndarray
     Q: np.ndarray
-    lu: "ResolventLU"
+    resolvent: "Resolvent"
 
     def resolvent_adjoint(self, rho: np.ndarray) -> np.ndarray:
         """``x = (I - gamma P^pi)^{-T} rho``, so that ``rho^T (I - gamma P^pi)^{-1} D = x . D``.
 
         ``(1 - gamma) x`` is the discounted occupancy ``d^pi_rho`` (math.md §2).
         """
-        return self.lu.solve(rho, trans="T")
+        return self.resolvent.solve(rho, trans="T")
 
 
 #: Below this many states ``I - gamma P^pi`` is factorised densely (LAPACK beats SuperLU's overhead).
 DENSE_STATES = 1500
 
+#: Above :data:`DENSE_STATES`, SuperLU is used while ``bandwidth^2 <= SPARSE_RATIO * nnz / N`` for ``P^pi``: the
+#: banded LU costs ``~N bandwidth^2`` flops, GMRES ``~2 nnz`` per iteration and a few dozen iterations. 1D state
+#: grids (bandwidth ~ nnz / 2N) take SuperLU; 2D grids, whose bandwidth is a multiple of a grid row, take GMRES.
+SPARSE_RATIO = 256
 
-class ResolventLU:
-    """LU factorisation of ``I - gamma P^pi`` with ``solve(b, trans="N" | "T")``; dense or sparse by size."""
+#: GMRES stops when ``||b - (I - gamma P) x|| <= KRYLOV_RTOL ||b||``. ``cond(I - gamma P) <= (1 + gamma) /
+#: (1 - gamma)`` in the infinity norm, so with gamma <= 0.99 the relative error of ``V`` is at most ~2e-12: below
+#: the flow's monotonicity tolerance (``experiment.MONOTONE_TOLERANCE`` = 1e-12 of |J| per step is far larger
+#: than J's step-to-step round-off in practice, tested in tests/test_bellman.py).
+KRYLOV_RTOL = 1e-14
 
-    def __init__(self, P: sp.csr_matrix, gamma: float):
+
+class Resolvent:
+    """``x = (I - gamma P^pi)^{-1} b`` (``trans="N"``) or ``(I - gamma P^pi)^{-T} b`` (``trans="T"``).
+
+    Methods (``method="auto"`` picks by size):
+
+    * "dense": LAPACK LU, for ``N <= DENSE_STATES``;
+    * "sparse": SuperLU, while ``bandwidth(P)^2 <= SPARSE_RATIO nnz(P) / N`` (1D state grids: ``P^pi`` is banded);
+    * "krylov": restarted GMRES on the CSR ``P^pi`` (2D state grids, whose LU would fill in). ``I - gamma P``
+      is an M-matrix whose spectrum lies in the disk ``|z - 1| <= gamma``; a smoothing kernel has few eigenvalues
+      near that disk's rim, so GMRES needs a few dozen matrix-vector products (``benchmarks/bench_memory.py``).
+      Memory: ``P^pi`` only (12 bytes per non-zero) and ``restart + 2`` vectors of ``N``.
+
+    Raises:
+        ConvergenceError: (from :meth:`solve`) if GMRES does not reach :data:`KRYLOV_RTOL`.
+    """
+
+    METHODS = ("auto", "dense", "sparse", "krylov")
+
+    def __init__(self, P: sp.csr_matrix, gamma: float, method: str = "auto"):
         n = P.shape[0]
-        if n <= DENSE_STATES:
-            self._dense = sla.lu_factor(np.eye(n) - gamma * P.toarray(), check_finite=False)
+        if method == "auto":
+            bandwidth = _bandwidth(P)
+            banded = bandwidth ** 2 <= SPARSE_RATIO * P.nnz / n
+            method = "dense" if n <= DENSE_STATES else "sparse" if banded else "krylov"
+        self.method, self.gamma = method, gamma
+        self._lu = self._P = None
+        if method == "dense":
+            self._lu = sla.lu_factor(np.eye(n) - gamma * P.toarray(), check_finite=False)
+        elif method == "sparse":
+            self._lu = spla.splu(sp.identity(n, format="csc") - gamma * P.tocsc())
         else:
-            self._dense = None
-            self._sparse = spla.splu(sp.identity(n, format="csc") - gamma * P.tocsc())
+            self._P = P.tocsr()
+
+    def release(self) -> None:
+        """Free the factorisation or ``P^pi`` (large for big state grids); :meth:`solve` then raises."""
+        self._lu = self._P = None
 
     def solve(self, b: np.ndarray, trans: str = "N") -> np.ndarray:
-        if self._dense is not None:
-            return sla.lu_solve(self._dense, b, trans=0 if trans == "N" else 1, check_finite=False)
-        return self._sparse.solve(b, trans=trans)
+        if self._lu is None and self._P is None:
+            raise RuntimeError("this Resolvent was released (a flow frees it when it takes the next step)")
+        if self.method == "dense":
+            return sla.lu_solve(self._lu, b, trans=0 if trans == "N" else 1, check_finite=False)
+        if self.method == "sparse":
+            return self._lu.solve(b, trans=trans)
+        P = self._P if trans == "N" else self._P.T
+        n, gamma = P.shape[0], self.gamma
+        operator = spla.LinearOperator((n, n), matvec=lambda x: x - gamma * (P @ x), dtype=float)
+        x, info = spla.gmres(operator, b, x0=b / (1.0 - gamma), tol=KRYLOV_RTOL, atol=0.0,
+                             restart=50, maxiter=100)
+        if info != 0:
+            raise ConvergenceError(f"GMRES for (I - gamma P^pi) x = b did not reach rtol {KRYLOV_RTOL} ({info})")
+        return x
+
+
+def _bandwidth(P: sp.csr_matrix) -> int:
+    """``1 + max |i - k|`` over the non-zeros ``(i, k)`` of a CSR matrix, without an ``nnz``-sized temporary."""
+    nonempty = np.flatnonzero(np.diff(P.indptr))
+    if nonempty.size == 0:
+        return 1
+    starts = P.indptr[nonempty]
+    low = np.minimum.reduceat(P.indices, starts)
+    high = np.maximum.reduceat(P.indices, starts)
+    return 1 + int(np.maximum(nonempty - low, high - nonempty).max())
 
 
 def evaluate(mdp: MDP, p: np.ndarray, partition=None) -> Evaluation:
@@ -79,13 +138,13 @@ def evaluate(mdp: MDP, p: np.ndarray, partition=None) -> Evaluation:
     masses = local * mdp.weights
     r_pi = np.einsum("ij,ij->i", masses, mdp.reward[rows]) - mdp.tau * kl_divergence(mdp, local, mdp.log_mu)
     if partition is None:
-        lu = ResolventLU(mdp.kernel.policy_matrix(masses), mdp.gamma)
-        V = lu.solve(r_pi)
-        return Evaluation(V=V, Q=q_values(mdp, V), lu=lu)
-    lu = ResolventLU(partition.gather_csr(mdp.kernel.policy_matrix(masses, rows)), mdp.gamma)
-    V = lu.solve(partition.gather(r_pi))
+        resolvent = Resolvent(mdp.kernel.policy_matrix(masses), mdp.gamma)
+        V = resolvent.solve(r_pi)
+        return Evaluation(V=V, Q=q_values(mdp, V), resolvent=resolvent)
+    resolvent = Resolvent(partition.gather_csr(mdp.kernel.policy_matrix(masses, rows)), mdp.gamma)
+    V = resolvent.solve(partition.gather(r_pi))
     Q = partition.gather(mdp.reward[rows] + mdp.gamma * mdp.kernel.expect(V, rows))
-    return Evaluation(V=V, Q=Q, lu=lu)
+    return Evaluation(V=V, Q=Q, resolvent=resolvent)
 
 
 def q_values(mdp: MDP, V: np.ndarray) -> np.ndarray:

@@ -3,7 +3,9 @@
 Schema (every key optional unless marked *required*; defaults in :data:`SCHEMA`)::
 
     [mdp]     model*, gamma*, tau*, params = {...}
-    [states]  lower, upper, n                       (omit for one-state models such as "bandit")
+    [states]  lower, upper, n                       (omit for one-state models such as "bandit"); numbers for
+              a uniform 1D grid, or lower = [x0, y0], upper = [x1, y1], n = [nx, ny] for a 2D grid (states
+              ordered row-major over (nx, ny); the model must have state_dim = 2)
     [actions] domain, lower, upper, cells, resolution, radius, scale, center,
               reference = "lebesgue" | "gaussian", reference_std
     [flow]    kind = "wasserstein" | "fisher_rao" | "policy_iteration" | "particles", scheme = "sg" | "sqra",
@@ -126,10 +128,10 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "tau": Key(float, REQUIRED, _positive),
         "params": Key(dict, {}),
     },
-    "states": {
-        "lower": Key(float, -1.0, _finite),
-        "upper": Key(float, 1.0, _finite),
-        "n": Key(int, 1, _at_least_one),
+    "states": {  # a number each (1D grid) or 2-lists [x, y] each (2D grid): checked by _check_states
+        "lower": Key(object, -1.0),
+        "upper": Key(object, 1.0),
+        "n": Key(object, 1),
     },
     "actions": {  # lower, upper, cells, center: checked per domain by _check_actions (None = not given)
         "domain": Key(str, "interval", _domain),
@@ -179,9 +181,11 @@ class MDPConfig:
 
 @dataclass(frozen=True)
 class StatesConfig:
-    lower: float
-    upper: float
-    n: int
+    """``[states]``: numbers for a uniform 1D grid, or 2-lists ``[x, y]`` for a 2D grid (:func:`_check_states`)."""
+
+    lower: float | list
+    upper: float | list
+    n: int | list
 
 
 @dataclass(frozen=True)
@@ -312,10 +316,8 @@ def from_dict(raw: dict) -> Config:
             raise ConfigError(f"{name}: must be a table [{name}]")
         sections[name] = _section(name, keys, table)
     sections["actions"] = _check_actions(sections["actions"])
-    for name in ("states",):
-        sec = sections[name]
-        if sec is not None and not sec.lower < sec.upper:
-            raise ConfigError(f"{name}.lower: must be < {name}.upper (got {sec.lower} >= {sec.upper})")
+    if sections["states"] is not None:
+        sections["states"] = _check_states(sections["states"])
     flow = sections["flow"]
     if flow.dt > flow.t_end:
         raise ConfigError(f"flow.dt: must be <= flow.t_end ({flow.t_end})")
@@ -365,6 +367,32 @@ def _check_actions(a: ActionsConfig) -> ActionsConfig:
     if kind == "disk":
         return replace(a, center=center, resolution=resolution, radius=1.0 if a.radius is None else a.radius)
     return replace(a, center=center, resolution=resolution, scale=1.0 if a.scale is None else a.scale)
+
+
+def _check_states(st: StatesConfig) -> StatesConfig:
+    """A 1D grid (``lower``, ``upper`` numbers, ``n >= 1``) or a 2D grid (2-lists, ``n = [nx, ny]``, each >= 2)."""
+    two_d = [isinstance(getattr(st, key), (list, tuple)) for key in ("lower", "upper", "n")]
+    if not any(two_d):
+        lower, upper = (_coerce(f"states.{k}", getattr(st, k), float) for k in ("lower", "upper"))
+        n = _coerce("states.n", st.n, int)
+        for key, value, problem in (("lower", lower, _finite(lower)), ("upper", upper, _finite(upper)),
+                                    ("n", n, _at_least_one(n))):
+            if problem:
+                raise ConfigError(f"states.{key}: {problem} (got {value!r})")
+        if not lower < upper:
+            raise ConfigError(f"states.lower: must be < states.upper (got {lower} >= {upper})")
+        return replace(st, lower=lower, upper=upper, n=n)
+    if not all(two_d):
+        key = ("lower", "upper", "n")[two_d.index(False)]
+        raise ConfigError(f"states.{key}: must be a list [x, y] like the other [states] keys of a 2D state grid "
+                          f"(got {getattr(st, key)!r})")
+    lower, upper = (_vector(f"states.{k}", getattr(st, k)) for k in ("lower", "upper"))
+    n = st.n
+    if not (len(n) == 2 and all(isinstance(v, int) and not isinstance(v, bool) and v >= 2 for v in n)):
+        raise ConfigError(f"states.n: must be a list [nx, ny] of two integers >= 2 for a 2D state grid (got {n!r})")
+    if not all(lo < hi for lo, hi in zip(lower, upper)):
+        raise ConfigError(f"states.lower: must be < states.upper in both coordinates (got {lower}, {upper})")
+    return replace(st, lower=lower, upper=upper, n=list(n))
 
 
 def _vector(full: str, value: Any) -> list[float]:

@@ -56,6 +56,12 @@ def build(config: Config) -> Problem:
 
 
 def state_grid(config: Config, model: models.Model) -> np.ndarray:
+    """The uniform state grid of ``[states]``.
+
+    Returns:
+        ``(N,)`` for a 1D grid; ``(nx * ny, 2)`` for a 2D grid, row-major over ``(nx, ny)``: state
+        ``kx * ny + ky`` is ``(x_kx, y_ky)``.
+    """
     st = config.states
     if model.single_state:
         if st is not None and st.n != 1:
@@ -63,6 +69,14 @@ def state_grid(config: Config, model: models.Model) -> np.ndarray:
         return np.array([0.0 if st is None else 0.5 * (st.lower + st.upper)])
     if st is None:
         raise ConfigError(f"states: model {config.mdp.model!r} needs a [states] table (lower, upper, n)")
+    dim = 2 if isinstance(st.n, list) else 1
+    if dim != model.state_dim:
+        form = "lists [x, y]" if model.state_dim == 2 else "numbers"
+        raise ConfigError(f"states: model {config.mdp.model!r} has {model.state_dim}D states, so [states] lower, "
+                          f"upper and n must be {form} (got a {dim}D grid)")
+    if dim == 2:
+        x, y = (np.linspace(lo, hi, n) for lo, hi, n in zip(st.lower, st.upper, st.n))
+        return np.stack(np.meshgrid(x, y, indexing="ij"), axis=-1).reshape(-1, 2)
     if st.n < 2:
         raise ConfigError(f"states.n: model {config.mdp.model!r} needs n >= 2 states (got {st.n})")
     return np.linspace(st.lower, st.upper, st.n)

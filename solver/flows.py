@@ -115,7 +115,7 @@ def generator(space: ActionSpace, g: np.ndarray, tau: float, scheme: str = "sg")
 
 def implicit_step(space: ActionSpace, masses: np.ndarray, g: np.ndarray, tau: float, dt: float,
                   scheme: str = "sg", method: str = "auto") -> np.ndarray:
-    """One implicit Euler step ``m^{n+1} = (I - dt L)^{-1} m^n`` for all states at once.
+    """One implicit Euler step ``m^{n+1} = (I - dt L)^{-1} m^n`` for all states at once (in chunks of states).
 
     Args:
         space: the action space.
@@ -130,6 +130,25 @@ def implicit_step(space: ActionSpace, masses: np.ndarray, g: np.ndarray, tau: fl
     Returns:
         ``(N, M)`` masses at ``t_n + dt``.
     """
+    return by_state_chunks(space, lambda m, gc: _implicit_step(space, m, gc, tau, dt, scheme, method), masses, g)
+
+
+def by_state_chunks(space: ActionSpace, fn, *arrays: np.ndarray) -> np.ndarray:
+    """``fn(*arrays)`` evaluated on consecutive chunks of states (rows), concatenated.
+
+    Statewise edge computations hold several ``(N, E)`` arrays; chunks keep them (about 8 doubles per edge and
+    DOF and state) below :data:`SOLVE_CHUNK_BYTES`, so memory does not grow with ``N`` (101 x 101 states x 1000
+    DOFs would otherwise need ~5 GiB). Each row is computed by the same operations whatever the chunking.
+    """
+    chunks = _chunks(arrays[0].shape[0], 64 * (space.edges.shape[0] + space.n_dofs))
+    if len(chunks) == 1:
+        return fn(*arrays)
+    return np.concatenate([fn(*(a[chunk] for a in arrays)) for chunk in chunks])
+
+
+def _implicit_step(space: ActionSpace, masses: np.ndarray, g: np.ndarray, tau: float, dt: float, scheme: str,
+                   method: str) -> np.ndarray:
+    """:func:`implicit_step` on one chunk of states."""
     j, k = space.edges[:, 0], space.edges[:, 1]
     fwd, bwd = edge_rates(space, g, tau, scheme)
     w = space.weights
@@ -252,12 +271,15 @@ def dissipation(mdp: MDP, p: np.ndarray, g: np.ndarray, scheme: str = "sg") -> n
     Exact for the semi-discrete ODE: ``dJ/dt = rho^T (I - gamma P^pi)^{-1} D^h``. Densities that underflowed
     to zero are floored at the smallest normal double inside the logarithm.
     """
-    fwd, bwd = edge_rates(mdp.space, g, mdp.tau, scheme)
     j, k = mdp.space.edges[:, 0], mdp.space.edges[:, 1]
-    flux = fwd * p[:, j] - bwd * p[:, k]
-    logp = np.log(np.maximum(p, np.finfo(float).tiny))
-    phi = mdp.tau * (g - logp)
-    return np.sum(flux * (phi[:, k] - phi[:, j]), axis=1)
+
+    def chunk(p, g):
+        fwd, bwd = edge_rates(mdp.space, g, mdp.tau, scheme)
+        flux = fwd * p[:, j] - bwd * p[:, k]
+        phi = mdp.tau * (g - np.log(np.maximum(p, np.finfo(float).tiny)))
+        return np.sum(flux * (phi[:, k] - phi[:, j]), axis=1)
+
+    return by_state_chunks(mdp.space, chunk, p, g)
 
 
 @dataclass
@@ -306,7 +328,9 @@ def wasserstein_flow(mdp: MDP, p0: np.ndarray, dt: float, scheme: str = "sg", ad
                      t_end: float = math.inf, partition=None) -> Iterator[FlowState]:
     """Yield the implicit-Euler WPG flow ``p^0, p^1, ...`` from ``p0`` (forever, or until ``t_end``).
 
-    The generator only steps; recording, progress and stopping rules belong to its consumer. With a
+    The generator only steps; recording, progress and stopping rules belong to its consumer, which must do its
+    adjoint solves with a state's ``evaluation.resolvent`` before it asks for the next state (the generator
+    then releases it: for large state grids ``P^pi`` is the largest array of a step). With a
     :class:`solver.parallel.Partition` (MPI over states) each rank steps its own rows and the masses are
     gathered, so every yielded state holds the full ``p``, ``V``, ``Q`` and ``g`` on every rank.
 
@@ -348,6 +372,7 @@ def wasserstein_flow(mdp: MDP, p0: np.ndarray, dt: float, scheme: str = "sg", ad
         p = (masses if partition is None else partition.gather(masses)) / space.weights
         t = t_new
         n += 1
+        ev.resolvent.release()  # the previous state's P^pi: not needed once the flow moves on
         ev = _evaluate_checked(mdp, p, n, t, partition)
         g = potential(mdp, ev.Q)
         yield FlowState(step=n, t=t, dt=h, p=p, evaluation=ev, g=g, rejected=rejected)

@@ -31,14 +31,76 @@ KERNEL_REACH = 9.0
 #: kernels use the windowed storage alone.
 DENSE_BAND_BYTES = 256 * 2 ** 20
 
+#: 2D state grids: largest storage of the kernel's two 1D windows per (state, action), ``8 N M (Lx + Ly)``
+#: bytes; above it only the means ``f_ij`` are kept and the windows are recomputed in every call.
+WINDOW_STORE_BYTES = 512 * 2 ** 20
+
+#: 2D state grids: working memory of one chunk of states in ``expect`` / ``policy_matrix``.
+KERNEL_CHUNK_BYTES = 64 * 2 ** 20
+
+
+def window_bytes(n_states: int, n_actions: int, lx: int, ly: int) -> int:
+    """Bytes of the stored window values of a 2D-grid kernel: ``8 N M (Lx + Ly)``."""
+    return 8 * n_states * n_actions * (lx + ly)
+
+
+def chunk_doubles(bx: int, by: int, lx: int, ly: int) -> int:
+    """Doubles per (state, action) of the working memory of one chunk of a 2D-grid kernel product.
+
+    ``policy_matrix`` holds the dense bands ``X`` and ``m X`` (``2 bx``) and ``Y`` (``by``); ``expect`` holds
+    ``X`` (``bx``), ``X V`` (``by``) and its gathered windows (``ly``, and ``ly`` int64 indices); recomputed
+    windows add their values and the temporaries of :func:`window_values` (``3 (lx + ly)``, generously).
+    """
+    return 2 * bx + 2 * by + 3 * (lx + ly)
+
+
+def window_starts(grid: np.ndarray, mean: np.ndarray, sigma: float) -> tuple[np.ndarray, int]:
+    """First grid index of the kernel window of each mean on a uniform 1D grid, and the window length.
+
+    The window is the ``L = min(n, 2 ceil(KERNEL_REACH sigma / h) + 1)`` consecutive grid points centred at the
+    grid point nearest to the mean, shifted inwards at the ends of the grid so that every window has length ``L``.
+
+    Args:
+        grid: ``(n,)`` uniform grid.
+        mean: means, any shape.
+        sigma: noise standard deviation.
+
+    Returns:
+        ``(start, L)``: ``start`` has the shape of ``mean`` (int64).
+    """
+    n = grid.size
+    if n == 1:
+        return np.zeros(mean.shape, dtype=np.int64), 1
+    h = grid[1] - grid[0]
+    half = int(math.ceil(KERNEL_REACH * sigma / h))
+    width = min(n, 2 * half + 1)
+    centre = np.rint((mean - grid[0]) / h).astype(np.int64)
+    return np.clip(centre - half, 0, n - width), width
+
+
+def window_values(grid: np.ndarray, mean: np.ndarray, start: np.ndarray, width: int, sigma: float) -> np.ndarray:
+    """The 1D grid Gaussian ``exp(-(x_k - f)^2 / (2 sigma^2))`` on each window, renormalised over the window.
+
+    Normalisation uses the log-sum-exp shift, so a mean far outside the grid puts its mass on the nearest grid
+    points instead of underflowing. Returns ``mean.shape + (width,)``.
+    """
+    if grid.size == 1:
+        return np.ones(mean.shape + (1,))
+    values = grid[start[..., None] + np.arange(width)]  # in place from here: this is the kernel's hot loop
+    values -= mean[..., None]
+    values *= values
+    values *= -0.5 / sigma ** 2
+    values -= values.max(axis=-1, keepdims=True)
+    np.exp(values, out=values)
+    values /= values.sum(axis=-1, keepdims=True)
+    return values
+
 
 class GaussianGridKernel:
-    """``T_ijk ∝ exp(-(s_k - f_ij)^2 / (2 sigma^2))`` on a uniform grid, renormalised over the grid.
+    """``T_ijk ∝ exp(-(s_k - f_ij)^2 / (2 sigma^2))`` on a uniform 1D grid, renormalised over the grid.
 
-    Each row ``(i, j)`` keeps the ``L`` consecutive grid states nearest to ``f_ij`` (shifted inwards at the
-    ends of the grid so that every window has the same length); the weights outside the window are below
-    round-off. Normalisation uses the log-sum-exp shift, so a mean far outside the grid puts its mass on
-    the nearest grid states instead of underflowing.
+    Each row ``(i, j)`` keeps the ``L`` consecutive grid states nearest to ``f_ij`` (:func:`window_starts`);
+    the weights outside the window are below round-off (:func:`window_values`).
 
     Args:
         states: ``(N,)`` uniform grid.
@@ -49,21 +111,9 @@ class GaussianGridKernel:
     def __init__(self, states: np.ndarray, mean: np.ndarray, sigma: float):
         n = states.size
         self.shape = mean.shape + (n,)
-        if n == 1:
-            half = 0
-        else:
-            h = states[1] - states[0]
-            half = int(math.ceil(KERNEL_REACH * sigma / h))
-        width = min(n, 2 * half + 1)
-        if n > 1:
-            centre = np.rint((mean - states[0]) / (states[1] - states[0])).astype(np.int64)
-        else:
-            centre = np.zeros(mean.shape, dtype=np.int64)
-        start = np.clip(centre - half, 0, n - width)
+        start, width = window_starts(states, mean, sigma)
         cols = start[..., None] + np.arange(width)  # (N, M, L)
-        logits = -0.5 * ((states[cols] - mean[..., None]) / sigma) ** 2 if n > 1 else np.zeros(cols.shape)
-        values = np.exp(logits - logits.max(axis=-1, keepdims=True))
-        values /= values.sum(axis=-1, keepdims=True)
+        values = window_values(states, mean, start, width, sigma)
         rows = mean.size
         self.width = width
         self._row_blocks: dict[tuple[int, int], sp.csr_matrix] = {}  # expect(V, rows): this rank's block
@@ -117,6 +167,122 @@ class GaussianGridKernel:
                               np.arange(0, nb * band + 1, band)), shape=(nb, n))
 
 
+class GaussianGridKernel2D:
+    """``T_ijk ∝ exp(-|s_k - f_ij|^2 / (2 sigma^2))`` on a uniform 2D grid, renormalised over the grid.
+
+    State ``k = kx * ny + ky`` is ``(x_kx, y_ky)`` (row-major over ``(nx, ny)``). The noise is isotropic, so
+    the Gaussian factorises, ``exp(-|s_k - f|^2 / 2 sigma^2) = exp(-(x_kx - f_1)^2 / 2 sigma^2)
+    exp(-(y_ky - f_2)^2 / 2 sigma^2)``, and on a Cartesian grid so does its normalising sum,
+    ``sum_{kx, ky} = (sum_kx)(sum_ky)``. The grid Gaussian renormalised over the grid is therefore exactly the
+    tensor product ``T_ijk = X_ij[kx] Y_ij[ky]`` of the two renormalised 1D grid Gaussians of
+    :class:`GaussianGridKernel` (same windows of ``Lx``, ``Ly`` points, same log-sum-exp shift). A row
+    ``(i, j)`` costs ``Lx + Ly`` values, not ``Lx * Ly`` (nor ``N``).
+
+    Storage: the window starts, ``(N, M)`` int32 per axis, and either the window values ``(N, M, Lx)`` and
+    ``(N, M, Ly)`` (if they fit in :data:`WINDOW_STORE_BYTES`) or, above that, only a reference to the means
+    ``(N, M, 2)``, from which each call recomputes the windows chunk by chunk.
+
+    Products, per chunk of states (``chunk`` states, working memory about :data:`KERNEL_CHUNK_BYTES`): the
+    windows of state ``i`` are scattered into dense bands ``X_i (M, bx)``, ``Y_i (M, by)`` over the grid
+    columns ``lox_i + [0, bx)``, rows ``loy_i + [0, by)``; ``bx``, ``by`` are the largest extents of the union of
+    a state's windows over its actions (the same for every state, so that each state's arithmetic does not
+    depend on the chunking or on ``rows``). Then, with ``V_i = V[lox_i:lox_i+bx, loy_i:loy_i+by]``,
+
+    * ``(T V)_ij = sum_b (X_i V_i)[j, b] Y_i[j, b]``: one ``(M, bx) @ (bx, by)`` BLAS product per state;
+    * ``P^pi_i = X_i^T diag(m_i) Y_i``, the ``(bx, by)`` block of row ``i`` of ``P^pi`` (CSR, ``bx by`` entries
+      per row).
+
+    Args:
+        axes: ``(x (nx,), y (ny,))`` uniform grids of the two coordinates.
+        mean: ``(N, M, 2)`` next-state means ``f(s_i, a_j)``, ``N = nx ny``.
+        sigma: noise standard deviation (the same along both axes).
+    """
+
+    def __init__(self, axes: tuple[np.ndarray, np.ndarray], mean: np.ndarray, sigma: float):
+        self.axes = axes
+        n = axes[0].size * axes[1].size
+        self.shape = mean.shape[:2] + (n,)
+        self.sigma = sigma
+        starts, widths = zip(*(window_starts(axis, mean[..., d], sigma) for d, axis in enumerate(axes)))
+        self.width = tuple(widths)
+        self._start = tuple(s.astype(np.int32) for s in starts)
+        lo = [s.min(axis=1) for s in starts]
+        band = [int((s.max(axis=1) - low).max()) + w for s, low, w in zip(starts, lo, widths)]
+        self.band = tuple(band)
+        self._lo = tuple(np.minimum(low, axis.size - b) for low, axis, b in zip(lo, axes, band))
+        m, (bx, by), (lx, ly) = mean.shape[1], band, widths
+        self.chunk = max(1, KERNEL_CHUNK_BYTES // (8 * m * chunk_doubles(bx, by, lx, ly)))
+        if window_bytes(*self.shape[:2], lx, ly) <= WINDOW_STORE_BYTES:
+            self._mean = None
+            self._values = tuple(np.concatenate([window_values(axis, mean[a:a + self.chunk, :, d],
+                                                               starts[d][a:a + self.chunk], widths[d], sigma)
+                                                 for a in range(0, self.shape[0], self.chunk)])
+                                 for d, axis in enumerate(axes))
+        else:
+            self._mean = mean
+            self._values = None
+
+    @property
+    def stored(self) -> bool:
+        """Whether the window values are stored (else recomputed from the means in every call)."""
+        return self._values is not None
+
+    def _windows(self, d: int, a: int, b: int) -> np.ndarray:
+        """Window values along axis ``d`` of states ``a:b``, ``(b - a, M, L_d)``."""
+        if self._values is not None:
+            return self._values[d][a:b]
+        return window_values(self.axes[d], self._mean[a:b, :, d], self._start[d][a:b], self.width[d], self.sigma)
+
+    def _dense(self, d: int, a: int, b: int, values: np.ndarray) -> np.ndarray:
+        """Windows scattered into the dense bands of states ``a:b`` along axis ``d``, ``(b - a, M, band_d)``."""
+        c, m, band = b - a, values.shape[1], self.band[d]
+        first = (self._start[d][a:b] - self._lo[d][a:b, None]) + band * np.arange(c * m).reshape(c, m)
+        dense = np.zeros((c, m, band))
+        dense.reshape(-1)[first[..., None] + np.arange(self.width[d])] = values
+        return dense
+
+    def _chunks(self, rows: slice):
+        """``(a, b)``: consecutive chunks of at most ``chunk`` states covering ``rows``."""
+        for a in range(rows.start, rows.stop, self.chunk):
+            yield a, min(a + self.chunk, rows.stop)
+
+    def expect(self, V: np.ndarray, rows: slice | None = None) -> np.ndarray:
+        """``(T V)_ij = sum_k T_ijk V_k``, shape ``(N, M)``; only the states ``rows`` (a slice) if given."""
+        (nx, ny), (bx, by), ly = (a.size for a in self.axes), self.band, self.width[1]
+        rows = slice(0, self.shape[0]) if rows is None else rows
+        grid = V.reshape(nx, ny)
+        out = np.empty((rows.stop - rows.start, self.shape[1]))
+        for a, b in self._chunks(rows):
+            block = grid[self._lo[0][a:b, None, None] + np.arange(bx)[:, None],
+                         self._lo[1][a:b, None, None] + np.arange(by)]  # (c, bx, by)
+            x = self._dense(0, a, b, self._windows(0, a, b))
+            z = np.empty(x.shape[:2] + (by,))
+            for i in range(b - a):  # one GEMM per state: numpy's stacked matmul of these shapes does not use BLAS
+                np.matmul(x[i], block[i], out=z[i])  # (M, bx) @ (bx, by)
+            local = (self._start[1][a:b] - self._lo[1][a:b, None])[..., None] + np.arange(ly)
+            out[a - rows.start:b - rows.start] = np.einsum("ijl,ijl->ij", np.take_along_axis(z, local, axis=-1),
+                                                           self._windows(1, a, b))
+        return out
+
+    def policy_matrix(self, masses: np.ndarray, rows: slice | None = None) -> sp.csr_matrix:
+        """``P^pi_ik = sum_j m_ij T_ijk`` for action masses ``m`` ``(N, M)``, as a sparse ``(N, N)`` CSR matrix.
+
+        With ``rows`` (a slice of states), ``masses`` holds those rows only and the result is the
+        ``(rows, N)`` block, computed by the same operations per row (MPI over states, :mod:`solver.parallel`).
+        """
+        n, ny, (bx, by) = self.shape[0], self.axes[1].size, self.band
+        rows = slice(0, n) if rows is None else rows
+        nb = rows.stop - rows.start
+        data = np.empty((nb, bx, by))
+        cols = np.empty((nb, bx, by), dtype=np.int32)
+        for a, b in self._chunks(rows):
+            x = self._dense(0, a, b, self._windows(0, a, b)) * masses[a - rows.start:b - rows.start, :, None]
+            data[a - rows.start:b - rows.start] = np.swapaxes(x, 1, 2) @ self._dense(1, a, b, self._windows(1, a, b))
+            cols[a - rows.start:b - rows.start] = ((self._lo[0][a:b, None, None] + np.arange(bx)[:, None]) * ny
+                                                   + self._lo[1][a:b, None, None] + np.arange(by))
+        return sp.csr_matrix((data.ravel(), cols.ravel(), np.arange(0, nb * bx * by + 1, bx * by)), shape=(nb, n))
+
+
 @dataclass(frozen=True)
 class MDP:
     """A discretised entropy-regularised MDP (math.md §2). See the module docstring for the arrays."""
@@ -125,14 +291,14 @@ class MDP:
     space: ActionSpace
     reward: np.ndarray
     log_mu: np.ndarray
-    kernel: GaussianGridKernel
+    kernel: GaussianGridKernel | GaussianGridKernel2D
     gamma: float
     tau: float
     rho: np.ndarray
 
     @property
     def n_states(self) -> int:
-        return self.states.size
+        return self.states.shape[0]
 
     @property
     def n_actions(self) -> int:
@@ -155,22 +321,48 @@ def build_mdp(model: Model, states: np.ndarray, space: ActionSpace, gamma: float
               reference: str = "lebesgue", reference_std: float = 1.0) -> MDP:
     """Discretise ``model`` on the state grid ``states`` and the action space ``space``.
 
-    The model sees ``a`` of shape ``(1, M)`` for a 1D action space and ``(1, M, 2)`` for a 2D one.
+    The model sees ``s`` of shape ``(N, 1)`` for a 1D state grid ``states (N,)`` and ``(N, 1, 2)`` for a 2D grid
+    ``states (N, 2)`` (row-major over ``(nx, ny)``, :func:`grid_axes`), and ``a`` of shape ``(1, M)`` for a 1D
+    action space and ``(1, M, 2)`` for a 2D one. The kernel is :class:`GaussianGridKernel` on a 1D grid and
+    :class:`GaussianGridKernel2D` on a 2D grid.
 
     Raises:
-        ConfigError: if the model's ``action_dim`` is not the dimension of ``space``.
+        ConfigError: if the model's ``action_dim`` is not the dimension of ``space``, or its ``state_dim`` not
+            that of ``states``.
     """
     if model.action_dim != space.dim:
         raise ConfigError(f"actions: the model has {model.action_dim}D actions but the action domain is {space.dim}D")
+    if not model.single_state and model.state_dim != states.ndim:
+        raise ConfigError(f"states: the model has {model.state_dim}D states but the state grid is {states.ndim}D")
+    n = states.shape[0]
     s = states[:, None]
     a = space.coords[None, :, :] if model.action_dim == 2 else space.coords[:, 0][None, :]
-    reward = np.broadcast_to(np.asarray(model.reward(s, a), dtype=float), (states.size, space.n_dofs)).copy()
+    reward = _full(model.reward(s, a), (n, space.n_dofs))
     if model.single_state:
-        mean = np.zeros((states.size, space.n_dofs)) + states[:, None]
-        kernel = GaussianGridKernel(states, mean, 1.0)
+        kernel = GaussianGridKernel(states, np.zeros((n, space.n_dofs)) + states[:, None], 1.0)
+    elif states.ndim == 2:
+        kernel = GaussianGridKernel2D(grid_axes(states), _full(model.dynamics(s, a), reward.shape + (2,)), model.sigma)
     else:
-        mean = np.broadcast_to(np.asarray(model.dynamics(s, a), dtype=float), reward.shape).copy()
-        kernel = GaussianGridKernel(states, mean, model.sigma)
-    rho = np.full(states.size, 1.0 / states.size)
+        kernel = GaussianGridKernel(states, _full(model.dynamics(s, a), reward.shape), model.sigma)
+    rho = np.full(n, 1.0 / n)
     return MDP(states=states, space=space, reward=reward, log_mu=log_reference(space, reference, reference_std),
                kernel=kernel, gamma=gamma, tau=tau, rho=rho)
+
+
+def _full(values, shape: tuple) -> np.ndarray:
+    """``values`` as a float array of ``shape``, broadcast and copied only if it is not one already."""
+    values = np.asarray(values, dtype=float)
+    return values if values.shape == shape else np.broadcast_to(values, shape).copy()
+
+
+def grid_axes(states: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The axes ``(x (nx,), y (ny,))`` of a 2D grid ``states (nx ny, 2)`` stored row-major over ``(nx, ny)``.
+
+    Raises:
+        ValueError: if ``states`` is not such a grid.
+    """
+    x, y = np.unique(states[:, 0]), np.unique(states[:, 1])
+    grid = np.stack(np.meshgrid(x, y, indexing="ij"), axis=-1).reshape(-1, 2)
+    if grid.shape != states.shape or not np.array_equal(grid, states):
+        raise ValueError("states: a 2D state grid must be the row-major product of two 1D grids")
+    return x, y

@@ -35,11 +35,11 @@ import os
 import numpy as np
 import scipy.sparse as sp
 
+from . import LAUNCHER_SIZE_VARIABLES  # Open MPI, MPICH/Hydra and Slurm's PMI, PMIx
 from .config import ConfigError
 
-#: Environment variables by which MPI launchers announce the number of ranks (Open MPI, MPICH/Hydra and
-#: Slurm's PMI, PMIx); used to refuse commands that are not MPI-parallel without initialising MPI.
-_LAUNCHER_SIZE_VARIABLES = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE")
+#: Environment variables by which MPI launchers announce this process's rank; with LAUNCHER_SIZE_VARIABLES they
+#: are used to refuse commands that are not MPI-parallel without initialising MPI.
 _LAUNCHER_RANK_VARIABLES = ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK")
 
 
@@ -133,7 +133,7 @@ def _launcher(variables: tuple[str, ...], default: int) -> int:
 
 def launched_size() -> int:
     """Number of ranks announced by an MPI launcher's environment (1 without one); does not initialise MPI."""
-    return _launcher(_LAUNCHER_SIZE_VARIABLES, 1)
+    return _launcher(LAUNCHER_SIZE_VARIABLES, 1)
 
 
 def launched_rank() -> int:

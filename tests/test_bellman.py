@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from solver import bellman, oracles
-from solver.fem import interval_space
+from solver.fem import interval_space, rectangle_space
 from solver.mdp import build_mdp
 from solver.models import double_well, lqr
 
@@ -60,7 +60,7 @@ def test_performance_difference_lemma(small_well):
     log_g, _ = bellman.log_gibbs(small_well, ev.Q)
     source = small_well.tau * (bellman.kl_divergence(small_well, p, log_g)
                                - bellman.kl_divergence(small_well, p2, log_g))
-    np.testing.assert_allclose(ev2.V - ev.V, ev2.lu.solve(source), rtol=0, atol=1e-11)
+    np.testing.assert_allclose(ev2.V - ev.V, ev2.resolvent.solve(source), rtol=0, atol=1e-11)
 
 
 def test_soft_policy_iteration_is_monotone_and_converges(small_well):
@@ -85,3 +85,44 @@ def test_small_tau_is_finite(tau):
     assert np.all(np.isfinite(opt.V)) and np.all(np.isfinite(opt.p))
     assert opt.residual < 1e-9
     np.testing.assert_allclose(opt.p @ space.weights, 1.0, atol=1e-12)
+
+
+@pytest.fixture(scope="module")
+def grid_2d_mdp():
+    """A 2D-state LQR on a 41 x 41 grid (N = 1681 > DENSE_STATES) whose P^pi is dense: GMRES territory."""
+    x = np.linspace(-2, 2, 41)
+    states = np.stack(np.meshgrid(x, x, indexing="ij"), axis=-1).reshape(-1, 2)
+    model = lqr(A=0.9, B=[[0.5, 0.0], [0.0, 0.5]], sigma=0.2)
+    return build_mdp(model, states, rectangle_space((-1.5, -1.5), (1.5, 1.5), (8, 8)), 0.95, 0.5)
+
+
+def test_resolvent_methods_agree(grid_2d_mdp):
+    """Dense LU, SuperLU and GMRES solve (I - gamma P^pi)^{+-T} x = b alike, and "auto" picks by the structure."""
+    mdp = grid_2d_mdp
+    P = mdp.kernel.policy_matrix(random_policy(mdp) * mdp.weights)
+    b = np.random.default_rng(4).normal(size=mdp.n_states)
+    solves = {m: bellman.Resolvent(P, mdp.gamma, m) for m in ("dense", "sparse", "krylov")}
+    for trans in "NT":
+        exact = solves["dense"].solve(b, trans)
+        # cond_inf(I - gamma P) <= (1 + gamma)/(1 - gamma) = 39: LU round-off and the GMRES rtol 1e-14 both give
+        # relative errors ~1e-13 or less
+        for method in ("sparse", "krylov"):
+            np.testing.assert_allclose(solves[method].solve(b, trans), exact, rtol=0,
+                                       atol=1e-12 * np.abs(exact).max())
+    assert bellman.Resolvent(P, mdp.gamma).method == "krylov"  # a 2D grid: the LU would fill in
+    # a long 1D grid (2001 states, h = sigma / 5): P^pi is banded, ~190 non-zeros per row
+    wide = build_mdp(lqr(**LQR_PARAMS), np.linspace(-60, 60, 2001), interval_space(-6, 6, 32), 0.9, 1.0)
+    banded = wide.kernel.policy_matrix(bellman.uniform_policy(wide) * wide.weights)
+    assert bellman.Resolvent(banded, 0.9).method == "sparse"
+
+
+def test_bellman_identity_with_gmres(grid_2d_mdp):
+    """math.md §2 identity 1 on a 2D state grid, where evaluate() solves with GMRES: T V - V = tau KL(p || G)."""
+    mdp = grid_2d_mdp
+    p = random_policy(mdp, 5)
+    ev = bellman.evaluate(mdp, p)
+    assert ev.resolvent.method == "krylov"
+    kl = bellman.kl_divergence(mdp, p, bellman.log_gibbs(mdp, ev.Q)[0])
+    assert np.all(kl > 1e-3)  # a non-trivial policy, so the check has teeth
+    # |V| ~ 40 here; GMRES's relative residual 1e-14 times cond <= 39 bounds the error of V by ~2e-11
+    np.testing.assert_allclose(bellman.soft_bellman(mdp, ev.V) - ev.V, mdp.tau * kl, rtol=0, atol=1e-10)

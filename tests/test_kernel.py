@@ -4,11 +4,15 @@ import numpy as np
 import pytest
 
 from solver import mdp as mdp_module
-from solver.mdp import GaussianGridKernel
+from solver.mdp import GaussianGridKernel, GaussianGridKernel2D
 
 
 def dense_kernel(states, mean, sigma):
-    logits = -0.5 * ((states[None, None, :] - mean[..., None]) / sigma) ** 2
+    """The renormalised grid Gaussian ``(N, M, N)`` by brute force; ``states (N,)`` or ``(N, 2)``, ``mean`` to match."""
+    if states.ndim == 1:
+        logits = -0.5 * ((states[None, None, :] - mean[..., None]) / sigma) ** 2
+    else:
+        logits = -0.5 * np.sum((states[None, None] - mean[:, :, None]) ** 2, axis=-1) / sigma ** 2
     T = np.exp(logits - logits.max(axis=-1, keepdims=True))
     return T / T.sum(axis=-1, keepdims=True)
 
@@ -39,3 +43,49 @@ def test_grid_gaussian_moments_at_round_off():
     m2 = kernel.expect(states ** 2)[0]
     np.testing.assert_allclose(m1, mean[0], atol=1e-13)
     np.testing.assert_allclose(m2 - m1 ** 2, 0.09, rtol=1e-12)
+
+
+def grid_2d(x, y):
+    """Row-major ``(nx ny, 2)`` grid, as :func:`solver.experiment.state_grid` builds it."""
+    return np.stack(np.meshgrid(x, y, indexing="ij"), axis=-1).reshape(-1, 2)
+
+
+@pytest.mark.parametrize("stored", [True, False], ids=["stored-windows", "recomputed-windows"])
+def test_2d_kernel_equals_dense_tensor(monkeypatch, stored):
+    """The tensor-product kernel is the brute-force grid Gaussian, renormalised over the 2D grid, to round-off."""
+    if not stored:  # the path of large grids: only the means are kept, windows are recomputed chunk by chunk
+        monkeypatch.setattr(mdp_module, "WINDOW_STORE_BYTES", 0)
+        monkeypatch.setattr(mdp_module, "KERNEL_CHUNK_BYTES", 1)  # one state per chunk: chunking must not matter
+    rng = np.random.default_rng(1)
+    x, y = np.linspace(-2, 2, 23), np.linspace(-1, 1.5, 17)  # unequal axes and spacings catch transposed axes
+    states = grid_2d(x, y)
+    mean = rng.uniform(-3, 3, size=(states.shape[0], 9, 2))  # includes means outside the grid
+    kernel = GaussianGridKernel2D((x, y), mean, 0.1)
+    assert kernel.stored is stored
+    assert kernel.width[0] < x.size and kernel.width[1] < y.size  # the windows really are windows
+    T = dense_kernel(states, mean, 0.1)
+    np.testing.assert_allclose(T.sum(axis=-1), 1.0, rtol=0, atol=1e-14)
+    V, m = rng.normal(size=states.shape[0]), rng.uniform(size=(states.shape[0], 9))
+    # weights beyond 9 sigma per axis are < 3e-18 relative; the rest is round-off of sums of up to N terms |V| < 4
+    np.testing.assert_allclose(kernel.expect(V), T @ V, rtol=0, atol=1e-13)
+    P = kernel.policy_matrix(m)
+    np.testing.assert_allclose(P.toarray(), np.einsum("ij,ijk->ik", m, T), rtol=0, atol=1e-14)
+    np.testing.assert_allclose(P.sum(axis=1).A1, m.sum(axis=1), rtol=1e-14)  # rows of T sum to 1
+    rows = slice(40, 113)  # a rank's block under MPI: the same numbers, bit for bit
+    assert np.array_equal(kernel.expect(V, rows), kernel.expect(V)[rows])
+    assert np.array_equal(kernel.policy_matrix(m[rows], rows).toarray(), P.toarray()[rows])
+
+
+def test_2d_grid_gaussian_moments_at_round_off():
+    """math.md §7.5.4 per axis: with h_s <= sigma/2 the mean and covariance sigma^2 I are exact to round-off."""
+    x, y = np.linspace(-4, 3, 71), np.linspace(-3.5, 4, 76)  # h = 0.1 = sigma / 3; f +- 9 sigma inside
+    states = grid_2d(x, y)
+    f = np.array([[0.0123, -0.377], [-1.1, 0.9], [0.5, 0.051]])
+    kernel = GaussianGridKernel2D((x, y), np.repeat(f[None], states.shape[0], axis=0), 0.3)
+    m1 = np.stack([kernel.expect(states[:, d])[0] for d in range(2)], axis=-1)
+    np.testing.assert_allclose(m1, f, atol=1e-13)
+    second = {(d, e): kernel.expect(states[:, d] * states[:, e])[0] - m1[:, d] * m1[:, e]
+              for d in range(2) for e in range(d, 2)}
+    np.testing.assert_allclose(second[0, 0], 0.09, rtol=1e-12)
+    np.testing.assert_allclose(second[1, 1], 0.09, rtol=1e-12)
+    np.testing.assert_allclose(second[0, 1], 0.0, atol=1e-13)  # isotropic noise: no correlation
