@@ -248,7 +248,9 @@ def _sparse_solve(space: ActionSpace, masses: np.ndarray, out_j: np.ndarray, out
     rhs = np.empty_like(masses)
     rhs[:, pat.perm] = masses
     new = np.empty_like(masses)
-    for chunk in _chunks(n, (2 * nnz + 2 * pat.fill) * 12 + 4 * m * 8):  # values + indices: CSC and LU
+    # values + indices of the CSC matrix and its LU; SuperLU's workspace (preallocated from its own fill guess)
+    # measures ~10x that in resident memory (benchmarks/bench_memory.py), hence the factor
+    for chunk in _chunks(n, 10 * ((2 * nnz + 2 * pat.fill) * 12 + 4 * m * 8)):
         c = chunk.stop - chunk.start
         blocks = np.arange(c)[:, None]
         indices = (pat.indices[None, :] + m * blocks).ravel()

@@ -6,9 +6,23 @@ Arrays (``N`` states, ``M`` action DOFs):
 * ``log_mu``: ``log mu(a_j)``, ``(M,)`` (reference measure: Lebesgue, or the untruncated ``N(0, std^2)``
   density restricted to the action domain, math.md §8.2);
 * ``kernel``: ``T_ijk = P(s_k | s_i, a_j)``, a Gaussian centred at ``f(s_i, a_j)`` restricted to the state
-  grid and renormalised, stored as one window of ``L`` consecutive states per ``(i, j)``; the full
-  ``N x M x N`` tensor is never built. Memory: ``N * M * L`` values with ``L = min(N, 2 ceil(9 sigma/h) + 1)``.
+  grid and renormalised; the full ``N x M x N`` tensor is never built.
+
+  - 1D grid (:class:`GaussianGridKernel`): one window of ``L`` consecutive states per ``(i, j)``, ``8 N M L``
+    bytes, ``L = min(N, 2 ceil(9 sigma / h) + 1)``.
+  - 2D grid ``nx x ny`` (:class:`GaussianGridKernel2D`): the tensor product of two 1D windows per ``(i, j)``,
+    ``8 N M (Lx + Ly)`` bytes if that fits in :data:`WINDOW_STORE_BYTES` (512 MiB), else recomputed in chunks from
+    the means (``16 N M`` bytes).
 * ``rho``: initial-state distribution, uniform on the grid (math.md §8.4).
+
+Memory of a run on a 2D state grid (:func:`memory_estimate`; an upper bound of the measured peak, tested)::
+
+    160 MiB + 8 N M (12 + [Lx + Ly if stored]) + 12 N bx by + 128 MiB
+
+with ``12`` policy-sized arrays alive at the peak (:data:`POLICY_ARRAYS`), ``bx, by`` the per-state bands of
+``P^pi`` (``L`` plus the spread of the next-state means over the actions, in grid steps), and two 64 MiB chunk
+workspaces. 101 x 101 states x 1013 action DOFs with ``sigma / h = 2.5`` (``L = 47``, band 57): 1.58 GiB by
+the formula, 1.52 GiB measured (``benchmarks/bench_memory.py``).
 """
 
 from __future__ import annotations
@@ -42,6 +56,29 @@ KERNEL_CHUNK_BYTES = 64 * 2 ** 20
 def window_bytes(n_states: int, n_actions: int, lx: int, ly: int) -> int:
     """Bytes of the stored window values of a 2D-grid kernel: ``8 N M (Lx + Ly)``."""
     return 8 * n_states * n_actions * (lx + ly)
+
+
+#: Arrays of ``N x M`` doubles alive at the peak of a WPG step (measured, ``benchmarks/bench_memory.py``): the
+#: reward, the next-state means (2 for a 2D grid), the policy, its masses, ``Q``, the potential ``g`` and the
+#: new masses, and the temporaries of the KL and ``Q = R + gamma T V`` inside policy evaluation.
+POLICY_ARRAYS = 12
+
+#: Interpreter, numpy/scipy/DOLFINx and the action mesh, bytes.
+BASE_BYTES = 160 * 2 ** 20
+
+
+def memory_estimate(n_states: int, n_actions: int, width: tuple[int, int], band: tuple[int, int],
+                    stored: bool) -> int:
+    """Peak memory of a WPG run on a 2D state grid, bytes: the formula of the module docstring.
+
+    ``BASE + 8 N M (POLICY_ARRAYS + [Lx + Ly if the windows are stored]) + 12 N bx by + 2 x 64 MiB``: policy-sized
+    arrays, the kernel's windows, one ``P^pi`` in CSR (a double and an int32 per non-zero; the flow frees the
+    previous one before it builds the next) and the chunk workspaces of the kernel and of the flow step.
+    """
+    per_policy = 8 * n_states * n_actions
+    windows = window_bytes(n_states, n_actions, *width) if stored else 0
+    return (BASE_BYTES + POLICY_ARRAYS * per_policy + windows + 12 * n_states * band[0] * band[1]
+            + KERNEL_CHUNK_BYTES + 64 * 2 ** 20)
 
 
 def chunk_doubles(bx: int, by: int, lx: int, ly: int) -> int:
@@ -214,10 +251,11 @@ class GaussianGridKernel2D:
         self.chunk = max(1, KERNEL_CHUNK_BYTES // (8 * m * chunk_doubles(bx, by, lx, ly)))
         if window_bytes(*self.shape[:2], lx, ly) <= WINDOW_STORE_BYTES:
             self._mean = None
-            self._values = tuple(np.concatenate([window_values(axis, mean[a:a + self.chunk, :, d],
-                                                               starts[d][a:a + self.chunk], widths[d], sigma)
-                                                 for a in range(0, self.shape[0], self.chunk)])
-                                 for d, axis in enumerate(axes))
+            self._values = tuple(np.empty(mean.shape[:2] + (w,)) for w in widths)
+            for d, axis in enumerate(axes):  # chunk by chunk: no full-size temporaries
+                for a in range(0, self.shape[0], self.chunk):
+                    b = a + self.chunk
+                    self._values[d][a:b] = window_values(axis, mean[a:b, :, d], starts[d][a:b], widths[d], sigma)
         else:
             self._mean = mean
             self._values = None
@@ -280,7 +318,8 @@ class GaussianGridKernel2D:
             data[a - rows.start:b - rows.start] = np.swapaxes(x, 1, 2) @ self._dense(1, a, b, self._windows(1, a, b))
             cols[a - rows.start:b - rows.start] = ((self._lo[0][a:b, None, None] + np.arange(bx)[:, None]) * ny
                                                    + self._lo[1][a:b, None, None] + np.arange(by))
-        return sp.csr_matrix((data.ravel(), cols.ravel(), np.arange(0, nb * bx * by + 1, bx * by)), shape=(nb, n))
+        indptr = np.arange(0, nb * bx * by + 1, bx * by, dtype=np.int32 if nb * bx * by < 2 ** 31 else np.int64)
+        return sp.csr_matrix((data.ravel(), cols.ravel(), indptr), shape=(nb, n))  # no copy: int32 indices
 
 
 @dataclass(frozen=True)
