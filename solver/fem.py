@@ -162,7 +162,7 @@ def mesh_space(path: str | Path, scale: float = 1.0, center: tuple[float, float]
         return _space_from_mesh(mesh, f"{key}: mesh {path}")
 
 
-def domain_space(domain: str, lower=None, upper=None, cells=None, resolution: str = "coarse", scale: float = 1.0,
+def domain_space(domain: str, lower=None, upper=None, cells=None, resolution: str = "fine", scale: float = 1.0,
                  center: tuple[float, float] = (0.0, 0.0)) -> ActionSpace:
     """The P1 action space of ``[actions] domain`` (validated by :mod:`solver.config`).
 

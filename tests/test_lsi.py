@@ -115,7 +115,7 @@ def test_double_well_ordering():
 
 
 def test_nonconvex_domain_has_no_lower_bound():
-    space = domain_space("lshape")
+    space = domain_space("lshape", resolution="coarse")
     assert lsi.lsi_lower(space, np.zeros(space.n_dofs)) == (0.0, "none (domain not convex)")
 
 

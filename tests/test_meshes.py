@@ -215,7 +215,7 @@ def test_domain_defaults_and_resolved_config():
     assert (a.domain, a.lower, a.upper, a.cells) == ("interval", -1.0, 2.0, 256)
     assert (a.resolution, a.radius, a.scale, a.center) == (None,) * 4
     d = actions(domain="disk")
-    assert (d.resolution, d.radius, d.center, d.scale) == ("coarse", 1.0, [0.0, 0.0], None)
+    assert (d.resolution, d.radius, d.center, d.scale) == ("fine", 1.0, [0.0, 0.0], None)
     r = actions(domain="rectangle", lower=[-1, 0], upper=[1, 2], cells=8)
     assert (r.lower, r.upper, r.cells) == ([-1.0, 0.0], [1.0, 2.0], [8, 8])
     assert actions(domain="rectangle", lower=[0, 0], upper=[1, 1]).cells == [16, 16]
@@ -290,7 +290,7 @@ def read_xdmf(path):
 def test_2d_bandit_on_the_coarse_disk_end_to_end(tmp_path):
     out = tmp_path / "run"
     cfg = tmp_path / "disk.toml"
-    cfg.write_text(BANDIT_2D + '[actions]\ndomain = "disk"\n[flow]\ndt = 0.05\nt_end = 0.2\n[output]\nsnapshots = 3\n')
+    cfg.write_text(BANDIT_2D + '[actions]\ndomain = "disk"\nresolution = "coarse"\n[flow]\ndt = 0.05\nt_end = 0.2\n[output]\nsnapshots = 3\n')
     assert cli.main(["run", str(cfg), "--out", str(out), "--quiet"]) == 0
     for name in ("density.xdmf", "density.png", "policy.png", "solution.npz", "summary.json"):
         assert (out / name).stat().st_size > 0
