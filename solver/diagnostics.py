@@ -148,11 +148,16 @@ def generator_gaps(mdp: MDP, Q: np.ndarray, scheme: str = "sg") -> np.ndarray:
 
     ``-L`` is similar to the symmetric matrix ``S = W^{-1/2} A W^{-1/2}`` with off-diagonal
     ``-tau omega_jk b(dg)/sqrt(w_j w_k)`` where ``b = (dg/2)/sinh(dg/2)`` (SG) or 1 (SQRA), evaluated without
-    forming ``exp(g)`` so that small ``tau`` cannot overflow.
+    forming ``exp(g)`` so that small ``tau`` cannot overflow. States are processed in chunks
+    (:func:`solver.flows.by_state_chunks`), so the edge arrays do not grow with ``N``.
     """
     space = mdp.space
-    g = flows.potential(mdp, Q)
-    fwd, bwd = flows.edge_rates(space, g, mdp.tau, scheme)
+    return flows.by_state_chunks(space, lambda g: _gaps(space, g, mdp.tau, scheme), flows.potential(mdp, Q))
+
+
+def _gaps(space, g: np.ndarray, tau: float, scheme: str) -> np.ndarray:
+    """:func:`generator_gaps` for the potentials ``g`` ``(n, M)`` of a chunk of states."""
+    fwd, bwd = flows.edge_rates(space, g, tau, scheme)
     j, k = space.edges[:, 0], space.edges[:, 1]
     w = space.weights
     # symmetric coupling: fwd * exp(-dg/2) = bwd * exp(dg/2) = sqrt(fwd * bwd)

@@ -123,11 +123,15 @@ def window_values(grid: np.ndarray, mean: np.ndarray, start: np.ndarray, width: 
     """
     if grid.size == 1:
         return np.ones(mean.shape + (1,))
+    # the log-sum-exp shift is the squared distance to the nearest window point (no reduction over the window)
+    nearest = np.clip(np.rint((mean - grid[0]) / (grid[1] - grid[0])).astype(np.int64), start, start + width - 1)
+    shift = grid[nearest] - mean
+    shift *= shift
     values = grid[start[..., None] + np.arange(width)]  # in place from here: this is the kernel's hot loop
     values -= mean[..., None]
     values *= values
+    values -= shift[..., None]
     values *= -0.5 / sigma ** 2
-    values -= values.max(axis=-1, keepdims=True)
     np.exp(values, out=values)
     values /= values.sum(axis=-1, keepdims=True)
     return values
