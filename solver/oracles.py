@@ -3,7 +3,8 @@
 * :func:`lqr_optimum`: discounted entropy-regularised scalar LQR (math.md §7.1);
 * :func:`ou_moments` and :func:`ou_gap`: the one-state (bandit) Ornstein-Uhlenbeck flow (math.md §7.3);
 * :func:`lqr2_optimum`: scalar state, action in R^2 (derived like math.md §7.1, see its docstring);
-* :func:`ou2_moments` and :func:`ou2_gap`: the isotropic 2D Ornstein-Uhlenbeck bandit.
+* :func:`ou2_moments` and :func:`ou2_gap`: the isotropic 2D Ornstein-Uhlenbeck bandit;
+* :func:`lqr_state2_optimum`: state and action in R^2 (a discounted discrete algebraic Riccati equation).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import math
 from dataclasses import asdict, dataclass
 
 import numpy as np
+import scipy.linalg
 
 
 @dataclass(frozen=True)
@@ -172,12 +174,82 @@ def ou2_gap(mean, cov, k: float, center, tau: float, gamma: float) -> float:
     return float(kl_tau / (2 * (1 - gamma)))
 
 
+@dataclass(frozen=True)
+class LQRState2Optimum:
+    """``V*(s) = -s^T P s + c``, ``pi*(.|s) = N(-K s, Sigma)`` for ``s`` in R^2; ``alpha = R~ + gamma B^T P B``."""
+
+    P: np.ndarray
+    K: np.ndarray
+    Sigma: np.ndarray
+    alpha: np.ndarray
+    c: float
+
+    def value(self, s):
+        """``V*`` at states ``s`` of shape ``(..., 2)``."""
+        s = np.asarray(s, dtype=float)
+        return -np.einsum("...i,ij,...j->...", s, self.P, s) + self.c
+
+    def mean(self, s):
+        """Policy mean ``-K s``: ``(..., 2)`` for states ``s`` of shape ``(..., 2)``."""
+        return -np.asarray(s, dtype=float) @ self.K.T
+
+    wpg_rate = LQR2Optimum.wpg_rate  # the same per-state Gibbs precision 2 alpha / tau
+
+    def as_dict(self) -> dict:
+        return {"P": self.P.tolist(), "K": self.K.tolist(), "Sigma": self.Sigma.tolist(),
+                "alpha": self.alpha.tolist(), "c": self.c}
+
+
+def lqr_state2_optimum(A, B, q: float, r, sigma: float, gamma: float, tau: float,
+                       reference_std: float | None = None) -> LQRState2Optimum:
+    """Closed-form optimum for ``s' = A s + B a + sigma xi``, ``r = -(q |s|^2 + a^T R a)``, ``s, a`` in R^2.
+
+    Derivation (as :func:`lqr2_optimum`, ansatz ``V*(s) = -s^T P s + c``)::
+
+        Q*(s, a) = -a^T alpha a - 2 gamma s^T A^T P B a + (terms without a),    alpha = R~ + gamma B^T P B,
+
+    so ``pi*(.|s) = N(-K s, Sigma)`` with ``K = gamma alpha^{-1} B^T P A``, ``Sigma = (tau/2) alpha^{-1}``, and
+    ``P = q I + gamma A^T P A - gamma^2 A^T P B alpha^{-1} B^T P A``: the discrete algebraic Riccati equation of
+    ``(sqrt(gamma) A, sqrt(gamma) B, q I, R~)``, solved by :func:`scipy.linalg.solve_discrete_are`. The
+    isotropic noise contributes ``sigma^2 tr P``: ``c = (-gamma sigma^2 tr P + (tau/2) log det(2 pi Sigma) + c_mu)
+    / (1 - gamma)``; ``R~`` and ``c_mu`` as in :func:`lqr2_optimum`. For diagonal ``A``, ``B`` and ``R`` the
+    problem splits into two scalar ones: ``V* = V*_1(s_1) + V*_2(s_2)`` (math.md §7.1 per axis).
+
+    Args:
+        A: a number (``A I``) or a 2x2 matrix.
+        B: a 2x2 matrix.
+        q: state cost ``>= 0``.
+        r: action cost, a number (``r I``) or a 2-vector (diagonal).
+        sigma, gamma, tau, reference_std: as :func:`lqr2_optimum`.
+
+    Raises:
+        ValueError: if the Riccati equation has no stabilising solution.
+    """
+    A = np.asarray(A, dtype=float) * (np.eye(2) if np.ndim(A) == 0 else 1.0)
+    B = np.asarray(B, dtype=float).reshape(2, 2)
+    R = np.diag(np.asarray(r, dtype=float) * np.ones(2))
+    R_eff = R if reference_std is None else R + tau / (2 * reference_std ** 2) * np.eye(2)
+    c_mu = 0.0 if reference_std is None else -tau * math.log(2 * math.pi * reference_std ** 2)
+    root_gamma = math.sqrt(gamma)
+    try:
+        P = scipy.linalg.solve_discrete_are(root_gamma * A, root_gamma * B, q * np.eye(2), R_eff)
+    except (ValueError, np.linalg.LinAlgError) as err:
+        raise ValueError(f"no stabilising solution of the discounted Riccati equation: {err}") from None
+    P = 0.5 * (P + P.T)
+    alpha = R_eff + gamma * B.T @ P @ B
+    K = gamma * np.linalg.solve(alpha, B.T @ P @ A)
+    Sigma = 0.5 * tau * np.linalg.inv(alpha)
+    c = (-gamma * sigma ** 2 * np.trace(P) + 0.5 * tau * math.log(np.linalg.det(2 * math.pi * Sigma)) + c_mu) \
+        / (1 - gamma)
+    return LQRState2Optimum(P=P, K=K, Sigma=Sigma, alpha=alpha, c=float(c))
+
+
 def lqr_closed_form(params: dict, gamma: float, tau: float,
-                    reference_std: float | None = None) -> LQROptimum | LQR2Optimum | None:
+                    reference_std: float | None = None) -> LQROptimum | LQR2Optimum | LQRState2Optimum:
     """The closed form for the ``lqr`` model's ``[mdp.params]`` (defaults of :func:`solver.models.lqr`).
 
     ``B`` a number: :func:`lqr_optimum` (needs ``r`` a number); ``B`` a 2-vector: :func:`lqr2_optimum`; ``B`` 2x2
-    (2D state): None (no closed form here). Both results have ``value(s)``, ``wpg_rate(dt)`` and ``as_dict()``.
+    (2D state): :func:`lqr_state2_optimum`. All results have ``value(s)``, ``wpg_rate(dt)`` and ``as_dict()``.
     """
     p = {"A": 0.9, "B": 0.5, "q": 1.0, "r": 0.5, "sigma": 0.3} | dict(params)
     shape = np.shape(p["B"])
@@ -185,4 +257,4 @@ def lqr_closed_form(params: dict, gamma: float, tau: float,
         return lqr_optimum(**{k: float(v) for k, v in p.items()}, gamma=gamma, tau=tau, reference_std=reference_std)
     if shape == (2,):
         return lqr2_optimum(float(p["A"]), p["B"], float(p["q"]), p["r"], float(p["sigma"]), gamma, tau, reference_std)
-    return None
+    return lqr_state2_optimum(p["A"], p["B"], float(p["q"]), p["r"], float(p["sigma"]), gamma, tau, reference_std)

@@ -10,6 +10,7 @@ A run directory holds
   ``V_star (N,)``, ``Q_star (N, M)``, ``pi_star (N, M)``, ``V_final (N,)``, ``pi_final (N, M)``,
   ``snapshots_t (K,)``, ``snapshots_pi (K, N, M)``; policies are densities w.r.t. Lebesgue measure.
   For 2D actions ``actions`` is ``(M, 2)`` and there is also ``cells (C, 3)``, the triangles as DOF indices;
+  for a 2D state grid ``states`` is ``(N, 2)``, row-major (state ``kx * ny + ky`` is ``(x_kx, y_ky)``);
 * ``density.xdmf``: the snapshots for ParaView (:func:`write_density_xdmf`): a time series of P1 fields on the
   action mesh, ``density_s<i>`` and ``pi_star_s<i>`` for the states ``i`` in :func:`xdmf_states`;
 * ``convergence.png``, ``density.png``, ``policy.png`` (see :mod:`solver.plots`).

@@ -129,7 +129,7 @@ def density(path: Path, summary: dict, solution: dict) -> Path:
         return _density_2d(path, solution)
     times, snaps = solution["snapshots_t"], solution["snapshots_pi"]
     a, states, pi_star = solution["actions"], solution["states"], solution["pi_star"]
-    shown = _states_to_show(states.size)
+    shown = _states_to_show(len(states))
     fig, axes = plt.subplots(2, len(shown), figsize=(5 * len(shown), 8), squeeze=False)
     # time axis: snapshot times are geometric, so draw rows between midpoints on a symlog axis
     edges = _edges(times)
@@ -141,7 +141,7 @@ def density(path: Path, summary: dict, solution: dict) -> Path:
         top.set_yscale("symlog", linthresh=linthresh)
         top.set_xlabel("action a")
         top.set_ylabel("flow time t")
-        top.set_title(f"state s = {states[i]:.3g}: density p(t, a)")
+        top.set_title(f"state {_state_label(states, i)}: density p(t, a)")
         fig.colorbar(mesh, ax=top, label="policy density")
         colours = plt.cm.plasma(np.linspace(0, 0.9, min(6, times.size)))
         for colour, k in zip(colours, np.unique(np.linspace(0, times.size - 1, min(6, times.size)).astype(int))):
@@ -149,7 +149,7 @@ def density(path: Path, summary: dict, solution: dict) -> Path:
         bottom.plot(a, pi_star[i], "k--", lw=2, label=r"optimum $\pi^*$")
         bottom.set_xlabel("action a")
         bottom.set_ylabel("policy density")
-        bottom.set_title(f"state s = {states[i]:.3g}: snapshots and optimum")
+        bottom.set_title(f"state {_state_label(states, i)}: snapshots and optimum")
         bottom.grid(True, alpha=0.3)
         bottom.legend(fontsize=8)
     fig.tight_layout()
@@ -169,7 +169,7 @@ def policy(path: Path, solution: dict) -> Path:
         return _policy_2d(path, solution)
     a, states = solution["actions"], solution["states"]
     final, star = solution["pi_final"], solution["pi_star"]
-    if states.size == 1:
+    if len(states) == 1:
         fig, ax = plt.subplots(figsize=(7, 4.5))
         ax.plot(a, final[0], lw=2, label=r"final policy $\pi_T$")
         ax.plot(a, star[0], "k--", lw=2, label=r"optimum $\pi^*$")
@@ -180,21 +180,23 @@ def policy(path: Path, solution: dict) -> Path:
         ax.legend()
     else:
         fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+        # a 2D state grid is drawn against the state index (row-major order)
+        y, ylabel = (states, "state s") if states.ndim == 1 else (np.arange(len(states)), "state index (row-major grid)")
         vmax = float(max(final.max(), star.max()))
         for ax, data, title in ((axes[0], final, r"final policy $\pi_T(a\mid s)$"),
                                 (axes[1], star, r"optimum $\pi^*(a\mid s)$")):
-            mesh = ax.pcolormesh(a, states, data, shading="auto", cmap="viridis", vmin=0, vmax=vmax)
+            mesh = ax.pcolormesh(a, y, data, shading="auto", cmap="viridis", vmin=0, vmax=vmax)
             fig.colorbar(mesh, ax=ax, label="policy density")
             ax.set_title(title)
         diff = np.abs(final - star)
         floor = max(float(diff.max()) * 1e-12, 1e-300)
-        mesh = axes[2].pcolormesh(a, states, np.maximum(diff, floor), shading="auto", cmap="magma",
+        mesh = axes[2].pcolormesh(a, y, np.maximum(diff, floor), shading="auto", cmap="magma",
                                   norm=LogNorm(vmin=floor, vmax=max(float(diff.max()), 10 * floor)))
         fig.colorbar(mesh, ax=axes[2], label=r"$|\pi_T-\pi^*|$")
         axes[2].set_title(r"difference $|\pi_T-\pi^*|$")
         for ax in axes:
             ax.set_xlabel("action a")
-            ax.set_ylabel("state s")
+            ax.set_ylabel(ylabel)
     fig.tight_layout()
     out = path / "policy.png"
     fig.savefig(out, dpi=100)

@@ -92,7 +92,8 @@ def test_lqr_closed_form_dispatches_on_the_shape_of_B():
     assert oracles.lqr_closed_form({}, 0.9, 1.0) == oracles.lqr_optimum(0.9, 0.5, 1.0, 0.5, 0.3, 0.9, 1.0)
     two = oracles.lqr_closed_form(LQR2, 0.9, 0.5, 1.0)
     assert two.as_dict() == oracles.lqr2_optimum(**LQR2, gamma=0.9, tau=0.5, reference_std=1.0).as_dict()
-    assert oracles.lqr_closed_form({"B": [[1, 0], [0, 1]]}, 0.9, 0.5) is None  # 2D state: no closed form
+    state2 = oracles.lqr_closed_form({"B": [[1, 0], [0, 1]]}, 0.9, 0.5)  # 2D state
+    assert state2.as_dict() == oracles.lqr_state2_optimum(0.9, np.eye(2), 1.0, 0.5, 0.3, 0.9, 0.5).as_dict()
 
 
 @pytest.fixture(scope="module")

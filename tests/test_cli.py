@@ -23,6 +23,8 @@ def test_every_shipped_experiment_runs(tmp_path, name):
     config = EXPERIMENTS / f"{name}.toml"
     text = config.read_text()
     extra = TINY_STATES if "[states]" in text else []
+    if "n = [" in text:  # a 2D state grid
+        extra = ["--set", "states.n=[7,7]"]
     tiny = TINY
     if 'domain = "rectangle"' in text:
         tiny = [*TINY[2:], "--set", "actions.cells=8"]  # 8 x 8 crossed cells: 145 DOFs
@@ -83,6 +85,11 @@ BAD = [
     (["--set", "mdp.gama=0.5"], "mdp.gama: unknown key (allowed: model, gamma, tau, params)"),
     (["--set", "states.n=0"], "states.n: must be an integer >= 1"),
     (["--set", "states.n=1"], "states.n: model 'lqr' needs n >= 2 states"),
+    (["--set", "states.n=[5,5]"], "states.lower: must be a list [x, y] like the other [states] keys"),
+    (["--set", "states.lower=[-1,-1]", "--set", "states.upper=[1,1]", "--set", "states.n=[5,1]"],
+     "states.n: must be a list [nx, ny] of two integers >= 2"),
+    (["--set", "states.lower=[-1,-1]", "--set", "states.upper=[1,1]", "--set", "states.n=[5,5]"],
+     "states: model 'lqr' has 1D states, so [states] lower, upper and n must be numbers"),
     (["--set", "actions.lower=7"], "actions.lower: must be < actions.upper"),
     (["--set", "flow.dt=-1"], "flow.dt: must be a finite number > 0"),
     (["--set", "flow.kind=euler"], "flow.kind: must be one of 'wasserstein'"),
@@ -146,6 +153,21 @@ def test_user_model_by_import_path(tmp_path):
     assert cli.main(["run", str(EXPERIMENTS / "lqr_1d.toml"), "--out", str(out), *TINY, *TINY_STATES,
                      "--set", "mdp.model=tests.user_model:quadratic", "--set", "mdp.params={k = 2.0}"]) == 0
     assert json.loads((out / "summary.json").read_text())["model"] == "tests.user_model:quadratic"
+
+
+def test_user_model_with_2d_states_and_1d_actions(tmp_path):
+    """A 2D state grid with a 1D action interval: the run and its plots (policy drawn over the state index)."""
+    out = tmp_path / "plane"
+    assert cli.main(["run", str(EXPERIMENTS / "lqr_1d.toml"), "--out", str(out), *TINY,
+                     "--set", "mdp.model=tests.user_model:plane_state", "--set", "mdp.params={}",
+                     "--set", "states.lower=[-1,-1]", "--set", "states.upper=[1,1]", "--set", "states.n=[5,4]"]) == 0
+    solution = np.load(out / "solution.npz")
+    assert solution["states"].shape == (20, 2) and solution["actions"].ndim == 1
+    np.testing.assert_allclose(solution["states"][1], [-1.0, -1.0 / 3], rtol=1e-15)  # row-major: kx * ny + ky
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["monotone"] and summary["max_mass_error"] < 1e-13
+    for f in ("convergence.png", "density.png", "policy.png"):
+        assert (out / f).stat().st_size > 0, f
 
 
 def test_numerical_failure_stops_and_keeps_history(tmp_path, capsys, monkeypatch):
