@@ -11,7 +11,7 @@ DEB_PKGS  := python3-dolfinx-real python3-scipy python3-matplotlib python3-pytes
              libopenblas0-pthread
 SYS_CHECK := import dolfinx, scipy, matplotlib, tqdm, pytest, ensurepip
 
-.PHONY: setup system-deps run test bench bench-scaling meshes clean
+.PHONY: setup system-deps run test bench bench-scaling bench-memory meshes clean
 
 setup: $(WPGFLOW)
 
@@ -38,6 +38,10 @@ bench: setup
 # Time per step and to gap 1e-8 vs states x action DOFs (1D and 2D), benchmarks/scaling.png, mpirun -n 1 vs 2.
 bench-scaling: setup
 	$(PY) benchmarks/bench_scaling.py
+
+# Peak memory and stage times of 101 x 101 states x 1013 action DOFs against the formula of solver/mdp.py.
+bench-memory: setup
+	$(PY) benchmarks/bench_memory.py
 
 # Regenerate meshes/*.xdmf from meshes/*.geo (needs Debian's gmsh and python3-meshio; runs do not).
 meshes:

@@ -1,10 +1,12 @@
 """Benchmark: how a WPG run scales with the number of states N and of action DOFs M, and the MPI speed-up.
 
-For ``experiments/lqr_1d.toml`` (1D actions; N = 31, 61, 121, 241 states x M = 129, 257, 513, 1025 DOFs) and
-``experiments/lqr_2d_action.toml`` (2D actions on the crossed-diagonal square, ``fem.rectangle_space``; 41 states x
-145 .. 1201 DOFs), with ``flow.dt = 0.05`` and ``flow.gap_tol = 1e-8``, prints one table row per size:
+For ``experiments/lqr_1d.toml`` (1D states and actions; N = 31, 61, 121, 241 states x M = 129, 257, 513, 1025
+DOFs), ``experiments/lqr_2d_action.toml`` (2D actions on the crossed-diagonal square, ``fem.rectangle_space``;
+41 states x 145 .. 1201 DOFs) and ``experiments/lqr_2d_state.toml`` (2D state grids 11 x 11, 21 x 21, 31 x 31 x
+313 DOFs), with ``flow.dt = 0.05`` and ``flow.gap_tol = 1e-8``, prints one table row per size:
 
-* ``L``: the kernel window (states reached by one transition, ``2 ceil(9 sigma / h_s) + 1``);
+* ``S/A``: state and action dimensions;
+* ``L``: the kernel window (states reached by one transition, ``2 ceil(9 sigma / h_s) + 1`` per axis);
 * ``ms/step``: wall time per step of the whole run loop (evaluation, flow step, diagnostics row);
 * ``to 1e-8``: wall time of the run loop until ``gap <= 1e-8`` (setup excluded), and the number of steps;
 * the share of one step spent in policy evaluation (``r^pi``, ``P^pi``, LU, solve for ``V``), in the Q
@@ -41,9 +43,11 @@ from solver import bellman, config, diagnostics, experiment, flows
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG_1D = ROOT / "experiments" / "lqr_1d.toml"
 CONFIG_2D = ROOT / "experiments" / "lqr_2d_action.toml"
+CONFIG_2D_STATES = ROOT / "experiments" / "lqr_2d_state.toml"
 COMMON = ["flow.dt=0.05", "flow.gap_tol=1e-8", "flow.t_end=40", "output.snapshots=2"]
 STATES_1D, CELLS_1D = (31, 61, 121, 241), (128, 256, 512, 1024)
 STATES_2D, CELLS_2D = 41, (8, 12, 16, 24)  # crossed cells: (c + 1)^2 + c^2 DOFs = 145, 313, 545, 1201
+GRIDS_2D_STATES, CELLS_2D_STATES = (11, 21, 31), 12
 MPI_SIZE = ["states.n=121", "actions.cells=256"]
 STAGES = ("evaluation", "Q", "flow step", "diagnostics")
 
@@ -83,20 +87,21 @@ def measure(path: Path, overrides: list[str]) -> dict:
               "diagnostics": best_of(lambda: diagnostics.record(mdp, state, problem.J_star, cfg.flow.scheme))}
     result = experiment.run(problem)
     steps = len(result.rows) - 1
-    return {"dim": mdp.space.dim, "N": mdp.n_states, "M": mdp.n_actions, "L": mdp.kernel.width, "steps": steps,
+    return {"dims": f"{mdp.states.ndim}D/{mdp.space.dim}D", "N": mdp.n_states, "M": mdp.n_actions,
+            "L": "x".join(str(w) for w in np.atleast_1d(mdp.kernel.width)), "steps": steps,
             "status": result.status, "gap": result.rows[-1]["gap"], "loop": result.loop_time,
             "per_step": result.loop_time / max(steps, 1), "stages": stages}
 
 
 def table(rows: list[dict]) -> str:
-    head = (f"{'actions':>7s} {'N':>5s} {'M':>5s} {'L':>4s} {'N*M':>8s} {'ms/step':>9s} {'to 1e-8 (s)':>11s} "
+    head = (f"{'S/A':>5s} {'N':>5s} {'M':>5s} {'L':>5s} {'N*M':>8s} {'ms/step':>9s} {'to 1e-8 (s)':>11s} "
             f"{'steps':>6s}   " + " ".join(f"{name:>11s}" for name in STAGES))
     lines = [head, "-" * len(head)]
     for r in rows:
         total = sum(r["stages"].values())
         shares = " ".join(f"{100 * r['stages'][name] / total:10.0f}%" for name in STAGES)
         reached = f"{r['loop']:11.2f}" if r["status"] == "converged" else f"{'(' + format(r['gap'], '.0e') + ')':>11s}"
-        lines.append(f"{r['dim']:>6d}D {r['N']:5d} {r['M']:5d} {r['L']:4d} {r['N'] * r['M']:8d} "
+        lines.append(f"{r['dims']:>5s} {r['N']:5d} {r['M']:5d} {r['L']:>5s} {r['N'] * r['M']:8d} "
                      f"{1e3 * r['per_step']:9.2f} {reached} {r['steps']:6d}   {shares}")
     return "\n".join(lines)
 
@@ -108,11 +113,15 @@ def plot(rows: list[dict], out: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.4, 4.8))
-    for dim, marker in ((1, "o"), (2, "s")):
-        for n in sorted({r["N"] for r in rows if r["dim"] == dim}):
-            sel = sorted((r for r in rows if r["dim"] == dim and r["N"] == n), key=lambda r: r["M"])
-            ax.loglog([r["N"] * r["M"] for r in sel], [1e3 * r["per_step"] for r in sel], marker=marker,
-                      label=f"{dim}D actions, N = {n}")
+    for dims, marker, label in (("1D/1D", "o", "1D actions, N = {}"), ("1D/2D", "s", "2D actions, N = {}"),
+                                ("2D/2D", "^", "2D states, M = {}")):
+        sel = [r for r in rows if r["dims"] == dims]
+        # 1D states: one curve per N over M; 2D state grids: one curve per M over N
+        key, along = ("N", "M") if dims != "2D/2D" else ("M", "N")
+        for value in sorted({r[key] for r in sel}):
+            line = sorted((r for r in sel if r[key] == value), key=lambda r: r[along])
+            ax.loglog([r["N"] * r["M"] for r in line], [1e3 * r["per_step"] for r in line], marker=marker,
+                      label=label.format(value))
     x = np.array([r["N"] * r["M"] for r in rows], float)
     y = np.array([1e3 * r["per_step"] for r in rows])
     x0, y0 = x.min(), y[np.argmin(x)]
@@ -155,16 +164,19 @@ def mpi_speedup(ranks=(1, 2)) -> str:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="small sizes only (N <= 61, M <= 257, 2D <= 313 DOFs)")
-    parser.add_argument("--no-2d", action="store_true", help="skip the 2D-action rows")
+    parser.add_argument("--quick", action="store_true",
+                        help="small sizes only (N <= 61, M <= 257; 2D actions <= 313 DOFs; 2D states <= 21 x 21)")
+    parser.add_argument("--no-2d", action="store_true", help="skip the 2D-action and 2D-state rows")
     parser.add_argument("--no-mpi", action="store_true", help="skip the mpirun speed-up")
     parser.add_argument("--plot", type=Path, default=ROOT / "benchmarks" / "scaling.png", help="plot file")
     args = parser.parse_args(argv)
     states, cells = (STATES_1D[:2], CELLS_1D[:2]) if args.quick else (STATES_1D, CELLS_1D)
     cells_2d = CELLS_2D[:2] if args.quick else CELLS_2D
+    grids = GRIDS_2D_STATES[:2] if args.quick else GRIDS_2D_STATES
     cases = [(CONFIG_1D, [f"states.n={n}", f"actions.cells={c}"]) for n in states for c in cells]
     if not args.no_2d:
         cases += [(CONFIG_2D, [f"states.n={STATES_2D}", f"actions.cells={c}"]) for c in cells_2d]
+        cases += [(CONFIG_2D_STATES, [f"states.n=[{n},{n}]", f"actions.cells={CELLS_2D_STATES}"]) for n in grids]
     print("lqr, flow.dt = 0.05, run loop to gap 1e-8; stage shares timed separately (best of 3)")
     print("\n".join(table([]).splitlines()[:2]), flush=True)
     rows = []

@@ -47,6 +47,9 @@ class Evaluation:
         return self.resolvent.solve(rho, trans="T")
 
 
+#: Temporaries of one chunk of :func:`kl_divergence` (about three per chunk).
+KL_CHUNK_BYTES = 16 * 2 ** 20
+
 #: Below this many states ``I - gamma P^pi`` is factorised densely (LAPACK beats SuperLU's overhead).
 DENSE_STATES = 1500
 
@@ -99,8 +102,12 @@ class Resolvent:
         """Free the factorisation or ``P^pi`` (large for big state grids); :meth:`solve` then raises."""
         self._lu = self._P = None
 
+    @property
+    def released(self) -> bool:
+        return self._lu is None and self._P is None
+
     def solve(self, b: np.ndarray, trans: str = "N") -> np.ndarray:
-        if self._lu is None and self._P is None:
+        if self.released:
             raise RuntimeError("this Resolvent was released (a flow frees it when it takes the next step)")
         if self.method == "dense":
             return sla.lu_solve(self._lu, b, trans=0 if trans == "N" else 1, check_finite=False)
@@ -149,7 +156,10 @@ def evaluate(mdp: MDP, p: np.ndarray, partition=None) -> Evaluation:
 
 def q_values(mdp: MDP, V: np.ndarray) -> np.ndarray:
     """``Q_ij = R_ij + gamma sum_k T_ijk V_k``."""
-    return mdp.reward + mdp.gamma * mdp.kernel.expect(V)
+    Q = mdp.kernel.expect(V)  # in place from here: no (N, M) temporaries
+    Q *= mdp.gamma
+    Q += mdp.reward
+    return Q
 
 
 def log_gibbs(mdp: MDP, Q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -159,10 +169,13 @@ def log_gibbs(mdp: MDP, Q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         ``(log G, tau log Z)`` with ``log G_ij = log mu_j + Q_ij / tau - log Z_i``, ``(N, M)`` and ``(N,)``;
         ``tau log Z`` is the soft Bellman operator applied to the ``V`` that produced ``Q``.
     """
-    logits = Q / mdp.tau + mdp.log_mu
+    logits = Q / mdp.tau  # updated in place: one (N, M) temporary besides the result
+    logits += mdp.log_mu
     shift = logits.max(axis=1, keepdims=True)
-    log_z = np.log(np.exp(logits - shift) @ mdp.weights)[:, None] + shift
-    return logits - log_z, mdp.tau * log_z[:, 0]
+    logits -= shift
+    log_z = np.log(np.exp(logits) @ mdp.weights)[:, None]
+    logits -= log_z
+    return logits, mdp.tau * (log_z + shift)[:, 0]
 
 
 def gibbs(mdp: MDP, Q: np.ndarray) -> np.ndarray:
@@ -176,11 +189,24 @@ def soft_bellman(mdp: MDP, V: np.ndarray) -> np.ndarray:
 
 
 def kl_divergence(mdp: MDP, p: np.ndarray, log_q: np.ndarray) -> np.ndarray:
-    """``KL_i(p || q) = sum_j w_j p_ij log(p_ij / q_ij)`` per state, ``0 log 0 = 0``."""
-    positive = p > 0
-    log_p = np.log(np.where(positive, p, 1.0))
-    integrand = np.multiply(p, log_p - log_q, out=np.zeros(p.shape), where=positive)
-    return integrand @ mdp.weights
+    """``KL_i(p || q) = sum_j w_j p_ij log(p_ij / q_ij)`` per state, ``0 log 0 = 0``.
+
+    ``log_q`` is ``(N, M)`` or ``(M,)`` (the same for every state). Computed in chunks of states whose
+    temporaries stay below :data:`KL_CHUNK_BYTES`.
+    """
+    n, m = p.shape
+    out = np.empty(n)
+    size = max(1, KL_CHUNK_BYTES // (8 * m))
+    for start in range(0, n, size):
+        rows = slice(start, start + size)
+        pc = p[rows]
+        positive = pc > 0
+        integrand = np.log(np.where(positive, pc, 1.0))
+        integrand -= log_q[rows] if log_q.ndim == 2 else log_q
+        np.multiply(pc, integrand, out=integrand, where=positive)
+        integrand[~positive] = 0.0
+        out[rows] = integrand @ mdp.weights
+    return out
 
 
 def uniform_policy(mdp: MDP) -> np.ndarray:
@@ -214,6 +240,7 @@ def soft_policy_iteration(mdp: MDP, p0: np.ndarray | None = None, tol: float = 1
     ev = evaluate(mdp, p)
     for k in range(1, max_iter + 1):
         p = gibbs(mdp, ev.Q)
+        ev.resolvent.release()  # one P^pi at a time (the largest array of a big state grid)
         new = evaluate(mdp, p)
         change = np.max(np.abs(new.V - ev.V))
         ev = new

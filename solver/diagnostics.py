@@ -50,8 +50,10 @@ def record(mdp: MDP, state: flows.FlowState, J_star: float, scheme: str = "sg", 
     ev, p = state.evaluation, state.p
     rows = slice(None) if partition is None else partition.rows
     J = float(mdp.rho @ ev.V)
-    log_g, _ = bellman.log_gibbs(mdp, ev.Q[rows])
-    kl_max = float(np.max(bellman.kl_divergence(mdp, p[rows], log_g)))
+    # KL(pi_s || G^pi_s) in chunks of states: the (N, M) log-Gibbs table and its temporaries are never whole
+    kl = flows.by_state_chunks(mdp.space, lambda pc, qc: bellman.kl_divergence(mdp, pc, bellman.log_gibbs(mdp, qc)[0]),
+                               p[rows], ev.Q[rows])
+    kl_max = float(np.max(kl))
     return {
         "t": state.t,
         "dt": state.dt,

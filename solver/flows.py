@@ -76,7 +76,9 @@ def bernoulli(x: np.ndarray) -> np.ndarray:
 
 def potential(mdp: MDP, Q: np.ndarray) -> np.ndarray:
     """``g = Q / tau + log mu`` (the log of the unnormalised Gibbs density), ``(N, M)``."""
-    return Q / mdp.tau + mdp.log_mu
+    g = Q / mdp.tau
+    g += mdp.log_mu
+    return g
 
 
 def edge_rates(space: ActionSpace, g: np.ndarray, tau: float, scheme: str = "sg") -> tuple[np.ndarray, np.ndarray]:

@@ -29,7 +29,7 @@ normal double). All constants below are those of ``nu_h`` on the meshed domain:
     ``C = pi^2 / max side^2`` (math.md §7.4) and ``W_h`` is piecewise linear, so ``C >= C_unif exp(-osc W)``.
   - On a non-convex domain neither applies: lower bound 0, method "none (domain not convex)".
 
-**Along the flow** (math.md §5.3(c)): :func:`along_flow` evaluates at each snapshot policy the local rate
+**Along the flow** (math.md §5.3(c)): :class:`LocalRates` takes at each snapshot of a run the local rate
 ``r = (dJ/dt) / (J* - J)`` with ``dJ/dt = rho^T (I - gamma P^pi)^{-1} D^h``, the mismatch
 ``kappa = max_s d*_rho(s) / d^pi_rho(s)``, ``C_lo = min_s`` (lower bound of the Gibbs policy ``G^pi_s``) and the
 check ``r >= theta 2 tau C_lo / kappa``. ``r`` belongs to the semi-discrete flow, whose constants are the
@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import csv
 import math
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -508,7 +507,6 @@ class AlongFlow:
     bound_continuum: np.ndarray
     discrete_factor: float
     ell_star: np.ndarray | None
-    seconds: float
 
     @property
     def all_hold(self) -> bool:
@@ -544,52 +542,67 @@ def discrete_factor(problem, ell: np.ndarray | None = None) -> tuple[float, int,
     if ell is None:
         ell = diagnostics.generator_gaps(mdp, problem.optimum.Q, problem.config.flow.scheme)
     slowest = int(np.argmin(ell))
-    log_g, _ = bellman.log_gibbs(mdp, problem.optimum.Q)
-    lam = poincare(mdp.space, log_g[slowest]).value
+    lam = poincare(mdp.space, log_gibbs_row(mdp, problem.optimum.Q, slowest)).value
     return min(1.0, float(ell[slowest]) / (mdp.tau * lam)), slowest, lam
 
 
-def along_flow(problem, times, policies, scheme: str | None = None, theta: float | None = None) -> AlongFlow:
-    """The local-rate check ``r(t) >= 2 tau C_lo / kappa_t`` (math.md §5.3(c)) at snapshot policies.
+def log_gibbs_row(mdp, Q: np.ndarray, state: int) -> np.ndarray:
+    """``log G^Q_s`` at one state, ``(M,)``, without the ``(N, M)`` temporaries of the whole table."""
+    return bellman.log_gibbs(mdp, Q[state:state + 1])[0][0]
+
+
+def gibbs_lower_bounds(mdp, Q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`lower_bounds` of the Gibbs policies ``G^Q_s`` of every state, computed in chunks of states so that
+    the temporaries (several per cell and state) do not grow with ``N``."""
+    both = flows.by_state_chunks(
+        mdp.space, lambda q: np.column_stack(lower_bounds(mdp.space, bellman.log_gibbs(mdp, q)[0])), Q)
+    return both[:, 0], both[:, 1].astype(int)
+
+
+class LocalRates:
+    """The local-rate check ``r(t) >= 2 tau C_lo / kappa_t`` (math.md §5.3(c)), one row per flow state given.
+
+    Called with snapshot flow states while their evaluation is alive (``Snapshots(on_snapshot=...)``), it
+    reuses the flow's own ``Q^pi`` and resolvent: no policy is evaluated again and no snapshot policy is kept.
+    For each state: ``dJ/dt = x . D^h`` with ``x = (I - gamma P^pi)^{-T} rho`` (math.md §4),
+    ``kappa = max_s d*(s) / d^pi(s)``, ``C_lo = min_s`` :func:`lower_bounds` of ``G^pi_s = exp(log_gibbs)``; the
+    check is ``r >= theta 2 tau C_lo / kappa``.
 
     Args:
         problem: a built :class:`solver.experiment.Problem`.
-        times: ``(K,)`` snapshot times.
-        policies: ``(K, N, M)`` snapshot policy densities.
         scheme: the flow scheme for ``D^h`` (default: the config's ``flow.scheme``).
         theta: the discrete factor (default: :func:`discrete_factor`).
-
-    For each snapshot: ``Q^pi`` by policy evaluation, ``dJ/dt = x . D^h`` with ``x = (I - gamma P^pi)^{-T} rho``
-    (math.md §4), ``kappa = max_s d*(s) / d^pi(s)``, ``C_lo = min_s`` :func:`lower_bounds` of
-    ``G^pi_s = exp(log_gibbs)``; the check is ``r >= theta 2 tau C_lo / kappa``.
     """
-    start = time.perf_counter()
-    mdp, J_star = problem.mdp, problem.J_star
-    scheme = problem.config.flow.scheme if scheme is None else scheme
-    ell_star = None
-    if theta is None:
-        ell_star = diagnostics.generator_gaps(mdp, problem.optimum.Q, scheme)
-        theta = discrete_factor(problem, ell_star)[0]
-    d_star = occupancy(mdp, bellman.evaluate(mdp, problem.optimum.p))
-    out = {c: [] for c in RATES_COLUMNS}
-    for t, p in zip(times, policies):
-        ev = bellman.evaluate(mdp, np.asarray(p))
-        g = flows.potential(mdp, ev.Q)
+
+    def __init__(self, problem, scheme: str | None = None, theta: float | None = None):
+        self.problem = problem
+        self.scheme = problem.config.flow.scheme if scheme is None else scheme
+        self.ell_star = None
+        if theta is None:
+            self.ell_star = diagnostics.generator_gaps(problem.mdp, problem.optimum.Q, self.scheme)
+            theta = discrete_factor(problem, self.ell_star)[0]
+        self.theta = theta
+        self.d_star = occupancy(problem.mdp, bellman.evaluate(problem.mdp, problem.optimum.p))
+        self.rows: list[tuple] = []
+
+    def __call__(self, state: flows.FlowState) -> None:
+        mdp, J_star, ev = self.problem.mdp, self.problem.J_star, state.evaluation
+        if ev.resolvent.released:  # the last state of a failed run: the flow freed it when it tried a step
+            ev = bellman.evaluate(mdp, state.p)
         x = ev.resolvent_adjoint(mdp.rho)
-        rate_J = float(x @ flows.dissipation(mdp, p, g, scheme))
+        rate_J = float(x @ flows.dissipation(mdp, state.p, state.g, self.scheme))
         gap = J_star - float(mdp.rho @ ev.V)
-        kappa = float(np.max(d_star / ((1.0 - mdp.gamma) * x)))
-        log_g, _ = bellman.log_gibbs(mdp, ev.Q)
-        C_lo = float(lower_bounds(mdp.space, log_g)[0].min())
+        kappa = float(np.max(self.d_star / ((1.0 - mdp.gamma) * x)))
+        C_lo = float(gibbs_lower_bounds(mdp, ev.Q)[0].min())
         continuum = 2.0 * mdp.tau * C_lo / kappa
         tested = gap > GAP_FLOOR * max(1.0, abs(J_star))
         r = rate_J / gap if tested else math.nan
-        row = (t, r, kappa, C_lo, theta * continuum, float(r >= theta * continuum) if tested else math.nan,
-               continuum)
-        for c, v in zip(RATES_COLUMNS, row):
-            out[c].append(v)
-    arrays = {c: np.array(v, float) for c, v in out.items()}
-    return AlongFlow(**arrays, discrete_factor=theta, ell_star=ell_star, seconds=time.perf_counter() - start)
+        bound = self.theta * continuum
+        self.rows.append((state.t, r, kappa, C_lo, bound, float(r >= bound) if tested else math.nan, continuum))
+
+    def result(self) -> AlongFlow:
+        columns = np.array(self.rows, float).reshape(len(self.rows), len(RATES_COLUMNS)).T
+        return AlongFlow(**dict(zip(RATES_COLUMNS, columns)), discrete_factor=self.theta, ell_star=self.ell_star)
 
 
 def write_rates(path, along: AlongFlow) -> None:
@@ -619,10 +632,9 @@ def optimum_summary(problem, ell: np.ndarray) -> dict:
     (:func:`discrete_factor`). ``predicted_rate_bound = 2 tau C_lo`` (continuum ``C_lo``).
     """
     mdp = problem.mdp
-    log_g, _ = bellman.log_gibbs(mdp, problem.optimum.Q)
-    values, methods = lower_bounds(mdp.space, log_g)
+    values, methods = gibbs_lower_bounds(mdp, problem.optimum.Q)
     slowest = int(np.argmin(ell))
-    b = bracket(mdp.space, log_g[slowest])
+    b = bracket(mdp.space, log_gibbs_row(mdp, problem.optimum.Q, slowest))
     low = int(np.argmin(values))
     theta = min(1.0, float(ell[slowest]) / (mdp.tau * b.poincare))
     entry = b.as_dict() | {"lower": float(values[low]), "lower_method": LOWER_METHODS[int(methods[low])],
@@ -635,5 +647,5 @@ def state_report(problem, Q: np.ndarray, state: int | None = None) -> dict:
     mdp = problem.mdp
     ell = diagnostics.generator_gaps(mdp, Q, problem.config.flow.scheme)
     state = int(np.argmin(ell)) if state is None else state
-    log_g, _ = bellman.log_gibbs(mdp, Q)
-    return {"state": state, "ell": float(ell[state]), "tau": mdp.tau} | bracket(mdp.space, log_g[state]).as_dict()
+    b = bracket(mdp.space, log_gibbs_row(mdp, Q, state))
+    return {"state": state, "ell": float(ell[state]), "tau": mdp.tau} | b.as_dict()

@@ -17,12 +17,13 @@ Arrays (``N`` states, ``M`` action DOFs):
 
 Memory of a run on a 2D state grid (:func:`memory_estimate`; an upper bound of the measured peak, tested)::
 
-    160 MiB + 8 N M (12 + [Lx + Ly if stored]) + 12 N bx by + 128 MiB
+    176 MiB + 8 N M (13 + [Lx + Ly if stored]) + 12 N bx by + 192 MiB
 
-with ``12`` policy-sized arrays alive at the peak (:data:`POLICY_ARRAYS`), ``bx, by`` the per-state bands of
-``P^pi`` (``L`` plus the spread of the next-state means over the actions, in grid steps), and two 64 MiB chunk
-workspaces. 101 x 101 states x 1013 action DOFs with ``sigma / h = 2.5`` (``L = 47``, band 57): 1.58 GiB by
-the formula, 1.52 GiB measured (``benchmarks/bench_memory.py``).
+with ``13`` policy-sized arrays alive at the peak (:data:`POLICY_ARRAYS`), ``bx, by`` the per-state bands of
+``P^pi`` (``L`` plus the spread of the next-state means over the actions, in grid steps), two 64 MiB chunk
+workspaces and the snapshots' 64 MiB. 101 x 101 states x 1013 action DOFs with ``sigma / h = 2.5`` (``L = 47``,
+band 57): 1.73 GiB by the formula (``benchmarks/bench_memory.py`` prints the measured peak; README "2D state
+grids").
 """
 
 from __future__ import annotations
@@ -58,27 +59,33 @@ def window_bytes(n_states: int, n_actions: int, lx: int, ly: int) -> int:
     return 8 * n_states * n_actions * (lx + ly)
 
 
-#: Arrays of ``N x M`` doubles alive at the peak of a WPG step (measured, ``benchmarks/bench_memory.py``): the
-#: reward, the next-state means (2 for a 2D grid), the policy, its masses, ``Q``, the potential ``g`` and the
-#: new masses, and the temporaries of the KL and ``Q = R + gamma T V`` inside policy evaluation.
-POLICY_ARRAYS = 12
+#: Arrays of ``N x M`` doubles alive at the peak of a WPG step, counted while a new policy is evaluated: the
+#: reward, the next-state means (2 for a 2D grid), the window starts (two int32), ``pi*`` and ``Q*`` (6); the
+#: previous flow state, kept until the new one is valid (``p``, ``Q``, ``g``: 3); the new masses and policy (2);
+#: in policy evaluation the masses and the new ``Q`` (2). Chunk temporaries are in :data:`KERNEL_CHUNK_BYTES`.
+POLICY_ARRAYS = 13
 
-#: Interpreter, numpy/scipy/DOLFINx and the action mesh, bytes.
-BASE_BYTES = 160 * 2 ** 20
+#: Interpreter, numpy/scipy/DOLFINx/matplotlib, the action mesh and the plots, bytes (a whole run on 3 x 3
+#: states peaks at 170 MiB).
+BASE_BYTES = 176 * 2 ** 20
 
 
 def memory_estimate(n_states: int, n_actions: int, width: tuple[int, int], band: tuple[int, int],
                     stored: bool) -> int:
     """Peak memory of a WPG run on a 2D state grid, bytes: the formula of the module docstring.
 
-    ``BASE + 8 N M (POLICY_ARRAYS + [Lx + Ly if the windows are stored]) + 12 N bx by + 2 x 64 MiB``: policy-sized
-    arrays, the kernel's windows, one ``P^pi`` in CSR (a double and an int32 per non-zero; the flow frees the
-    previous one before it builds the next) and the chunk workspaces of the kernel and of the flow step.
+    ``BASE + 8 N M (POLICY_ARRAYS + [Lx + Ly if the windows are stored]) + 12 N bx by + 3 x 64 MiB``:
+    policy-sized arrays, the kernel's windows, one ``P^pi`` in CSR (a double and an int32 per non-zero; the flow
+    frees the previous one before it builds the next), the chunk workspaces of the kernel and of the flow step,
+    and the snapshots' policies.
     """
+    from .flows import SOLVE_CHUNK_BYTES  # (flows and outputs import this module)
+    from .outputs import SNAPSHOT_BYTES
+
     per_policy = 8 * n_states * n_actions
     windows = window_bytes(n_states, n_actions, *width) if stored else 0
     return (BASE_BYTES + POLICY_ARRAYS * per_policy + windows + 12 * n_states * band[0] * band[1]
-            + KERNEL_CHUNK_BYTES + 64 * 2 ** 20)
+            + KERNEL_CHUNK_BYTES + SOLVE_CHUNK_BYTES + SNAPSHOT_BYTES)
 
 
 def chunk_doubles(bx: int, by: int, lx: int, ly: int) -> int:

@@ -8,7 +8,9 @@ A run directory holds
 * ``summary.json``: scalar results (see the README for every key);
 * ``solution.npz``: ``states (N,)``, ``actions (M,)`` DOF coordinates, ``weights (M,)`` lumped masses,
   ``V_star (N,)``, ``Q_star (N, M)``, ``pi_star (N, M)``, ``V_final (N,)``, ``pi_final (N, M)``,
-  ``snapshots_t (K,)``, ``snapshots_pi (K, N, M)``; policies are densities w.r.t. Lebesgue measure.
+  ``snapshots_t (K,)``, ``snapshot_states (S,)``, ``snapshots_pi (K, S, M)`` (the policies at those states),
+  ``snapshots_V (K, N)``; policies are densities w.r.t. Lebesgue measure. ``snapshot_states`` is every state
+  unless ``K N M`` doubles exceed :data:`SNAPSHOT_BYTES` (:func:`snapshot_states`).
   For 2D actions ``actions`` is ``(M, 2)`` and there is also ``cells (C, 3)``, the triangles as DOF indices;
   for a 2D state grid ``states`` is ``(N, 2)``, row-major (state ``kx * ny + ky`` is ``(x_kx, y_ky)``);
 * ``density.xdmf``: the snapshots for ParaView (:func:`write_density_xdmf`): a time series of P1 fields on the
@@ -29,6 +31,10 @@ from .config import Config, ConfigError, to_toml
 from .diagnostics import HISTORY_COLUMNS
 from .flows import FlowState
 from .observers import Snapshots
+
+#: Snapshots keep the policy of every state while ``K N M`` doubles fit in this budget; above it, only the states
+#: drawn in ``density.png`` and written to ``density.xdmf``, so that a run's memory stays ``O(N M)``.
+SNAPSHOT_BYTES = 64 * 2 ** 20
 
 FILES = ("config.toml", "history.csv", "summary.json", "solution.npz", "density.xdmf", "convergence.png",
          "density.png", "policy.png", "rates.csv", "rates.png")
@@ -74,7 +80,8 @@ def write_solution(path: Path, mdp, optimum, final: FlowState | None, snapshots:
     """Write ``solution.npz`` and ``density.xdmf`` (module docstring)."""
     space = mdp.space
     times = np.array(snapshots.times)
-    policies = np.array(snapshots.policies).reshape(times.size, mdp.n_states, mdp.n_actions)
+    states = np.arange(mdp.n_states) if snapshots.states is None else snapshots.states
+    policies = np.array(snapshots.policies).reshape(times.size, states.size, mdp.n_actions)
     mesh = {"actions": space.coords[:, 0]} if space.dim == 1 else {"actions": space.coords, "cells": space.cells}
     np.savez_compressed(
         path / "solution.npz",
@@ -82,8 +89,9 @@ def write_solution(path: Path, mdp, optimum, final: FlowState | None, snapshots:
         V_star=optimum.V, Q_star=optimum.Q, pi_star=optimum.p,
         V_final=final.evaluation.V if final else np.full(mdp.n_states, np.nan),
         pi_final=final.p if final else np.full((mdp.n_states, mdp.n_actions), np.nan),
-        snapshots_t=times, snapshots_pi=policies)
-    write_density_xdmf(path / "density.xdmf", space.coords, space.cells, times, policies, optimum.p)
+        snapshots_t=times, snapshot_states=states, snapshots_pi=policies,
+        snapshots_V=np.array(snapshots.values).reshape(times.size, mdp.n_states))
+    write_density_xdmf(path / "density.xdmf", space.coords, space.cells, times, policies, states, optimum.p)
 
 
 def xdmf_states(n_states: int) -> list[int]:
@@ -91,8 +99,22 @@ def xdmf_states(n_states: int) -> list[int]:
     return sorted({0, n_states // 2, n_states - 1})
 
 
+def shown_states(n_states: int) -> list[int]:
+    """States drawn in ``density.png``: at a quarter, half and three quarters of the state order."""
+    n = n_states
+    return sorted({n // 4, n // 2, (3 * n) // 4}) if n >= 3 else list(range(n))
+
+
+def snapshot_states(n_states: int, n_actions: int, count: int) -> np.ndarray | None:
+    """The states whose snapshot policies a run keeps: None (all) within :data:`SNAPSHOT_BYTES`, else the
+    union of :func:`shown_states` and :func:`xdmf_states` (``count + 1`` snapshots: the final state is added)."""
+    if 8 * (count + 1) * n_states * n_actions <= SNAPSHOT_BYTES:
+        return None
+    return np.array(sorted(set(shown_states(n_states)) | set(xdmf_states(n_states))))
+
+
 def write_density_xdmf(file: Path, coords: np.ndarray, cells: np.ndarray, times: np.ndarray, policies: np.ndarray,
-                       pi_star: np.ndarray) -> None:
+                       states: np.ndarray, pi_star: np.ndarray) -> None:
     """XDMF 3 time series of the policy densities on the action mesh (readable by ParaView), data inline as XML.
 
     A grid ``mesh`` (geometry and topology: triangles, or line segments in 1D with ``y = 0``) is followed by a
@@ -103,7 +125,8 @@ def write_density_xdmf(file: Path, coords: np.ndarray, cells: np.ndarray, times:
 
     Args:
         coords: ``(M, d)`` DOF coordinates; cells: ``(C, d + 1)`` DOF indices; times: ``(K,)``;
-        policies: ``(K, N, M)``; pi_star: ``(N, M)``.
+        policies: ``(K, S, M)`` at the states ``states (S,)`` (which include :func:`xdmf_states`);
+        pi_star: ``(N, M)``.
     """
     m, d = coords.shape
     xy = coords if d == 2 else np.column_stack([coords[:, 0], np.zeros(m)])
@@ -121,11 +144,13 @@ def write_density_xdmf(file: Path, coords: np.ndarray, cells: np.ndarray, times:
              f'<Topology TopologyType="{topology}" NumberOfElements="{cells.shape[0]}" NodesPerElement="{d + 1}">',
              item(cells, "%d", "Int"), "</Topology>", '<Geometry GeometryType="XY">', item(xy, "%.17g"),
              "</Geometry>", "</Grid>", '<Grid Name="density" GridType="Collection" CollectionType="Temporal">']
+    n_states = pi_star.shape[0]
+    rows = {int(i): k for k, i in enumerate(states)}
     for t, p in zip(times, policies):
         parts += ['<Grid Name="density" GridType="Uniform">', f'<xi:include xpointer="{mesh.format("Geometry")}"/>',
                   f'<xi:include xpointer="{mesh.format("Topology")}"/>', f'<Time Value="{float(t)!r}"/>']
-        for name, field in ((f"{prefix}_s{i}", data[i]) for i in xdmf_states(p.shape[0])
-                            for prefix, data in (("density", p), ("pi_star", pi_star))):
+        for name, field in ((f"{prefix}_s{i}", field) for i in xdmf_states(n_states)
+                            for prefix, field in (("density", p[rows[i]]), ("pi_star", pi_star[i]))):
             parts += [f'<Attribute Name="{name}" AttributeType="Scalar" Center="Node">', item(field, "%.10g"),
                       "</Attribute>"]
         parts.append("</Grid>")

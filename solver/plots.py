@@ -27,7 +27,7 @@ import numpy as np  # noqa: E402
 from matplotlib.colors import LogNorm  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from .outputs import read_run  # noqa: E402
+from .outputs import read_run, shown_states  # noqa: E402
 
 
 def plot_run(path: Path) -> list[Path]:
@@ -35,6 +35,7 @@ def plot_run(path: Path) -> list[Path]:
     summary, history, solution = read_run(path)
     written = [convergence(path, summary, history), density(path, summary, solution),
                policy(path, solution)]
+    del solution  # (N, M) tables: not needed by rates.png
     rates_file = rates(path, summary)
     return written + ([rates_file] if rates_file else [])
 
@@ -120,24 +121,21 @@ def convergence(path: Path, summary: dict, history: dict) -> Path:
     return out
 
 
-def _states_to_show(n: int) -> list[int]:
-    return sorted({n // 4, n // 2, (3 * n) // 4}) if n >= 3 else list(range(n))
-
-
 def density(path: Path, summary: dict, solution: dict) -> Path:
     if solution["actions"].ndim == 2:
         return _density_2d(path, solution)
     times, snaps = solution["snapshots_t"], solution["snapshots_pi"]
     a, states, pi_star = solution["actions"], solution["states"], solution["pi_star"]
-    shown = _states_to_show(len(states))
+    shown = shown_states(len(states))
+    snaps = snaps[:, _snapshot_rows(solution, shown)]
     fig, axes = plt.subplots(2, len(shown), figsize=(5 * len(shown), 8), squeeze=False)
     # time axis: snapshot times are geometric, so draw rows between midpoints on a symlog axis
     edges = _edges(times)
     linthresh = times[1] if times.size > 1 and times[1] > 0 else 1.0
-    vmax = max(float(np.max(snaps[:, shown])), float(np.max(pi_star[shown])))
-    for col, i in enumerate(shown):
+    vmax = max(float(np.max(snaps)), float(np.max(pi_star[shown])))
+    for col, i in enumerate(shown):  # snaps[:, col] is state i
         top, bottom = axes[0, col], axes[1, col]
-        mesh = top.pcolormesh(_edges(a), edges, snaps[:, i], shading="flat", cmap="viridis", vmin=0, vmax=vmax)
+        mesh = top.pcolormesh(_edges(a), edges, snaps[:, col], shading="flat", cmap="viridis", vmin=0, vmax=vmax)
         top.set_yscale("symlog", linthresh=linthresh)
         top.set_xlabel("action a")
         top.set_ylabel("flow time t")
@@ -145,7 +143,7 @@ def density(path: Path, summary: dict, solution: dict) -> Path:
         fig.colorbar(mesh, ax=top, label="policy density")
         colours = plt.cm.plasma(np.linspace(0, 0.9, min(6, times.size)))
         for colour, k in zip(colours, np.unique(np.linspace(0, times.size - 1, min(6, times.size)).astype(int))):
-            bottom.plot(a, snaps[k, i], color=colour, lw=1.5, label=f"t = {times[k]:.3g}")
+            bottom.plot(a, snaps[k, col], color=colour, lw=1.5, label=f"t = {times[k]:.3g}")
         bottom.plot(a, pi_star[i], "k--", lw=2, label=r"optimum $\pi^*$")
         bottom.set_xlabel("action a")
         bottom.set_ylabel("policy density")
@@ -157,6 +155,11 @@ def density(path: Path, summary: dict, solution: dict) -> Path:
     fig.savefig(out, dpi=100)
     plt.close(fig)
     return out
+
+
+def _snapshot_rows(solution: dict, states: list[int]) -> np.ndarray:
+    """Rows of ``snapshots_pi`` holding ``states`` (``snapshot_states`` lists the states kept)."""
+    return np.searchsorted(solution["snapshot_states"], states)
 
 
 def _edges(x: np.ndarray) -> np.ndarray:
@@ -181,7 +184,9 @@ def policy(path: Path, solution: dict) -> Path:
     else:
         fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
         # a 2D state grid is drawn against the state index (row-major order)
-        y, ylabel = (states, "state s") if states.ndim == 1 else (np.arange(len(states)), "state index (row-major grid)")
+        y, ylabel = (states, "state s")
+        if states.ndim == 2:
+            y, ylabel = np.arange(len(states)), "state index (row-major grid)"
         vmax = float(max(final.max(), star.max()))
         for ax, data, title in ((axes[0], final, r"final policy $\pi_T(a\mid s)$"),
                                 (axes[1], star, r"optimum $\pi^*(a\mid s)$")):
@@ -232,15 +237,16 @@ def _density_2d(path: Path, solution: dict) -> Path:
     """Filled contours of ``p(t, a)`` for up to three states (rows) at four snapshot times and ``pi*`` (columns)."""
     times, snaps, states = solution["snapshots_t"], solution["snapshots_pi"], solution["states"]
     a, cells, pi_star = solution["actions"], solution["cells"], solution["pi_star"]
-    shown = _states_to_show(len(states))
+    shown = shown_states(len(states))
+    snaps = snaps[:, _snapshot_rows(solution, shown)]
     picks = np.unique(np.linspace(0, times.size - 1, min(4, times.size)).round().astype(int))
     fig, axes = plt.subplots(len(shown), picks.size + 1, figsize=(3.2 * (picks.size + 1) + 1.2, 3.2 * len(shown)),
                              squeeze=False, layout="constrained")
-    for row, i in zip(axes, shown):
-        vmax = max(float(snaps[picks, i].max()), float(pi_star[i].max()))
+    for r, (row, i) in enumerate(zip(axes, shown)):
+        vmax = max(float(snaps[picks, r].max()), float(pi_star[i].max()))
         levels = np.linspace(0, vmax if vmax > 0 else 1.0, 21)  # one colour scale per state
         for col, (ax, k) in enumerate(zip(row, picks)):
-            filled = _contour(ax, a, cells, snaps[k, i], levels, ylabel=col == 0)
+            filled = _contour(ax, a, cells, snaps[k, r], levels, ylabel=col == 0)
             ax.set_title(f"{_state_label(states, i)}, t = {times[k]:.3g}", fontsize=10)
         _contour(row[-1], a, cells, pi_star[i], levels, ylabel=False)
         row[-1].set_title(rf"{_state_label(states, i)}: optimum $\pi^*$", fontsize=10)

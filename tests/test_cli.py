@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from solver import cli, experiment, flows
+from solver import cli, experiment, flows, outputs
 from solver.diagnostics import HISTORY_COLUMNS
 
 EXPERIMENTS = Path(__file__).resolve().parent.parent / "experiments"
@@ -153,6 +153,23 @@ def test_user_model_by_import_path(tmp_path):
     assert cli.main(["run", str(EXPERIMENTS / "lqr_1d.toml"), "--out", str(out), *TINY, *TINY_STATES,
                      "--set", "mdp.model=tests.user_model:quadratic", "--set", "mdp.params={k = 2.0}"]) == 0
     assert json.loads((out / "summary.json").read_text())["model"] == "tests.user_model:quadratic"
+
+
+def test_large_runs_keep_snapshot_policies_of_the_drawn_states_only(tmp_path, monkeypatch):
+    """Above outputs.SNAPSHOT_BYTES only the plotted and XDMF states' snapshot policies are kept (memory O(N M));
+    what is kept, V at every snapshot, rates.csv (computed during the run) and density.xdmf are unchanged."""
+    args = ["run", str(EXPERIMENTS / "lqr_1d.toml"), *TINY, *TINY_STATES]
+    assert cli.main([*args, "--out", str(tmp_path / "all")]) == 0
+    monkeypatch.setattr(outputs, "SNAPSHOT_BYTES", 0)
+    assert cli.main([*args, "--out", str(tmp_path / "few")]) == 0
+    full, few = (np.load(tmp_path / name / "solution.npz") for name in ("all", "few"))
+    kept = few["snapshot_states"]
+    assert kept.tolist() == [0, 4, 8, 12, 16]  # 17 states: drawn 4, 8, 12; density.xdmf 0, 8, 16
+    assert np.array_equal(full["snapshot_states"], np.arange(17))
+    assert np.array_equal(few["snapshots_pi"], full["snapshots_pi"][:, kept])
+    assert np.array_equal(few["snapshots_V"], full["snapshots_V"])
+    for name in ("rates.csv", "density.xdmf", "history.csv"):
+        assert (tmp_path / "few" / name).read_bytes() == (tmp_path / "all" / name).read_bytes(), name
 
 
 def test_user_model_with_2d_states_and_1d_actions(tmp_path):

@@ -156,7 +156,9 @@ def _tiny(path: Path) -> list[str]:
     """Overrides that shrink a shipped experiment to a grid that runs in about a second."""
     raw = config.load(path)
     out = ["flow.t_end=" + repr(min(raw.flow.t_end, 40.0)), "output.snapshots=16"]
-    if raw.states is not None and raw.states.n > 1:
+    if raw.states is not None and isinstance(raw.states.n, list):  # a 2D grid, h_s = 0.375 <= sigma
+        out += ["states.lower=[-1.5,-1.5]", "states.upper=[1.5,1.5]", "states.n=[9,9]"]
+    elif raw.states is not None and raw.states.n > 1:
         # h_s = 0.15 <= sigma_w / 2 (math.md §7.5.4)
         out += ["states.lower=-1.5", "states.upper=1.5", "states.n=21"]
     if raw.actions.domain == "interval":
@@ -175,10 +177,11 @@ SHIPPED = sorted(p for p in (ROOT / "experiments").glob("*.toml"))
 def test_local_rate_check_on_shipped_experiments(path):
     cfg = config.load(path, _tiny(path) + ["flow.kind=wasserstein"])
     problem = experiment.build(cfg)
-    snapshots = Snapshots(cfg.output.snapshots, cfg.flow.dt, cfg.flow.t_end)
-    result = experiment.run(problem, [lambda row, state: snapshots(row, state)])
+    rates = lsi.LocalRates(problem)
+    snapshots = Snapshots(cfg.output.snapshots, cfg.flow.dt, cfg.flow.t_end, on_snapshot=rates)
+    result = experiment.run(problem, [snapshots])
     snapshots.finish(result.final)
-    along = lsi.along_flow(problem, snapshots.times, np.array(snapshots.policies))
+    along = rates.result()
     tested = np.isfinite(along.holds)
     assert tested.sum() >= 5
     assert along.all_hold, np.c_[along.t, along.local_rate, along.bound][along.holds == 0]

@@ -233,7 +233,8 @@ def test_domain_defaults_and_resolved_config():
                            "path to an .xdmf mesh (got 'sphere')"),
     ({"domain": 3}, "actions.domain: must be a string"),
     ({"domain": "disk", "resolution": "medium"}, "actions.resolution: must be one of 'coarse', 'fine'"),
-    ({"domain": "disk", "cells": 10}, "actions.cells: not used by domain 'disk' (its keys: resolution, radius, center)"),
+    ({"domain": "disk", "cells": 10},
+     "actions.cells: not used by domain 'disk' (its keys: resolution, radius, center)"),
     ({"domain": "disk", "scale": 2}, "actions.scale: not used by domain 'disk'"),
     ({"domain": "lshape", "radius": 2}, "actions.radius: not used by domain 'lshape'"),
     ({"domain": "disk", "radius": -1}, "actions.radius: must be a finite number > 0"),
@@ -290,7 +291,8 @@ def read_xdmf(path):
 def test_2d_bandit_on_the_coarse_disk_end_to_end(tmp_path):
     out = tmp_path / "run"
     cfg = tmp_path / "disk.toml"
-    cfg.write_text(BANDIT_2D + '[actions]\ndomain = "disk"\nresolution = "coarse"\n[flow]\ndt = 0.05\nt_end = 0.2\n[output]\nsnapshots = 3\n')
+    cfg.write_text(BANDIT_2D + '[actions]\ndomain = "disk"\nresolution = "coarse"\n'
+                   '[flow]\ndt = 0.05\nt_end = 0.2\n[output]\nsnapshots = 3\n')
     assert cli.main(["run", str(cfg), "--out", str(out), "--quiet"]) == 0
     for name in ("density.xdmf", "density.png", "policy.png", "solution.npz", "summary.json"):
         assert (out / name).stat().st_size > 0
