@@ -77,7 +77,7 @@ def main(argv=None):
         mdp_module.WINDOW_STORE_BYTES = 0
     # the kernel's sizes, from the same MDP
     x = np.linspace(-2.0, 2.0, args.n)
-    states = np.stack(np.meshgrid(x, x, indexing="ij"), axis=-1).reshape(-1, 2)
+    states = mdp_module.product_grid(x, x)
     space = rectangle_space((-1.0, -1.0), (1.0, 1.0), (args.cells, args.cells))
     mdp = mdp_module.build_mdp(lqr(**PARAMS), states, space, 0.9, 0.5)
     n, m, (width, band, stored) = mdp.n_states, mdp.n_actions, (mdp.kernel.width, mdp.kernel.band, mdp.kernel.stored)

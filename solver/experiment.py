@@ -18,7 +18,7 @@ import scipy
 
 from . import __version__, bellman, comparison, diagnostics, fem, flows, lsi, models, oracles, particles
 from .config import Config, ConfigError
-from .mdp import MDP, build_mdp
+from .mdp import MDP, build_mdp, product_grid
 
 Observer = Callable[[dict, flows.FlowState], None]
 
@@ -75,8 +75,7 @@ def state_grid(config: Config, model: models.Model) -> np.ndarray:
         raise ConfigError(f"states: model {config.mdp.model!r} has {model.state_dim}D states, so [states] lower, "
                           f"upper and n must be {form} (got a {dim}D grid)")
     if dim == 2:
-        x, y = (np.linspace(lo, hi, n) for lo, hi, n in zip(st.lower, st.upper, st.n))
-        return np.stack(np.meshgrid(x, y, indexing="ij"), axis=-1).reshape(-1, 2)
+        return product_grid(*(np.linspace(lo, hi, n) for lo, hi, n in zip(st.lower, st.upper, st.n)))
     if st.n < 2:
         raise ConfigError(f"states.n: model {config.mdp.model!r} needs n >= 2 states (got {st.n})")
     return np.linspace(st.lower, st.upper, st.n)

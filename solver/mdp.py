@@ -405,6 +405,12 @@ def _full(values, shape: tuple) -> np.ndarray:
     return values if values.shape == shape else np.broadcast_to(values, shape).copy()
 
 
+def product_grid(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """The 2D grid ``(nx ny, 2)`` of the axes ``x (nx,)``, ``y (ny,)``, row-major: point ``kx * ny + ky`` is
+    ``(x_kx, y_ky)`` (the order of every per-state array of a 2D state grid; :func:`grid_axes` inverts it)."""
+    return np.stack(np.meshgrid(x, y, indexing="ij"), axis=-1).reshape(-1, 2)
+
+
 def grid_axes(states: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The axes ``(x (nx,), y (ny,))`` of a 2D grid ``states (nx ny, 2)`` stored row-major over ``(nx, ny)``.
 
@@ -412,7 +418,7 @@ def grid_axes(states: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         ValueError: if ``states`` is not such a grid.
     """
     x, y = np.unique(states[:, 0]), np.unique(states[:, 1])
-    grid = np.stack(np.meshgrid(x, y, indexing="ij"), axis=-1).reshape(-1, 2)
+    grid = product_grid(x, y)
     if grid.shape != states.shape or not np.array_equal(grid, states):
         raise ValueError("states: a 2D state grid must be the row-major product of two 1D grids")
     return x, y

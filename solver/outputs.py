@@ -113,6 +113,11 @@ def snapshot_states(n_states: int, n_actions: int, count: int) -> np.ndarray | N
     return np.array(sorted(set(shown_states(n_states)) | set(xdmf_states(n_states))))
 
 
+def snapshot_rows(kept: np.ndarray, states) -> np.ndarray:
+    """Rows of ``snapshots_pi`` holding ``states``, given the sorted ``snapshot_states`` ``kept``."""
+    return np.searchsorted(kept, states)
+
+
 def write_density_xdmf(file: Path, coords: np.ndarray, cells: np.ndarray, times: np.ndarray, policies: np.ndarray,
                        states: np.ndarray, pi_star: np.ndarray) -> None:
     """XDMF 3 time series of the policy densities on the action mesh (readable by ParaView), data inline as XML.
@@ -144,13 +149,13 @@ def write_density_xdmf(file: Path, coords: np.ndarray, cells: np.ndarray, times:
              f'<Topology TopologyType="{topology}" NumberOfElements="{cells.shape[0]}" NodesPerElement="{d + 1}">',
              item(cells, "%d", "Int"), "</Topology>", '<Geometry GeometryType="XY">', item(xy, "%.17g"),
              "</Geometry>", "</Grid>", '<Grid Name="density" GridType="Collection" CollectionType="Temporal">']
-    n_states = pi_star.shape[0]
-    rows = {int(i): k for k, i in enumerate(states)}
+    written = xdmf_states(pi_star.shape[0])
+    policies = policies[:, snapshot_rows(states, written)]
     for t, p in zip(times, policies):
         parts += ['<Grid Name="density" GridType="Uniform">', f'<xi:include xpointer="{mesh.format("Geometry")}"/>',
                   f'<xi:include xpointer="{mesh.format("Topology")}"/>', f'<Time Value="{float(t)!r}"/>']
-        for name, field in ((f"{prefix}_s{i}", field) for i in xdmf_states(n_states)
-                            for prefix, field in (("density", p[rows[i]]), ("pi_star", pi_star[i]))):
+        for name, field in ((f"{prefix}_s{i}", field) for row, i in enumerate(written)
+                            for prefix, field in (("density", p[row]), ("pi_star", pi_star[i]))):
             parts += [f'<Attribute Name="{name}" AttributeType="Scalar" Center="Node">', item(field, "%.10g"),
                       "</Attribute>"]
         parts.append("</Grid>")

@@ -27,7 +27,7 @@ import numpy as np  # noqa: E402
 from matplotlib.colors import LogNorm  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from .outputs import read_run, shown_states  # noqa: E402
+from .outputs import read_run, shown_states, snapshot_rows  # noqa: E402
 
 
 def plot_run(path: Path) -> list[Path]:
@@ -124,10 +124,9 @@ def convergence(path: Path, summary: dict, history: dict) -> Path:
 def density(path: Path, summary: dict, solution: dict) -> Path:
     if solution["actions"].ndim == 2:
         return _density_2d(path, solution)
-    times, snaps = solution["snapshots_t"], solution["snapshots_pi"]
-    a, states, pi_star = solution["actions"], solution["states"], solution["pi_star"]
-    shown = shown_states(len(states))
-    snaps = snaps[:, _snapshot_rows(solution, shown)]
+    times, states = solution["snapshots_t"], solution["states"]
+    a, pi_star = solution["actions"], solution["pi_star"]
+    shown, snaps = _shown_snapshots(solution)
     fig, axes = plt.subplots(2, len(shown), figsize=(5 * len(shown), 8), squeeze=False)
     # time axis: snapshot times are geometric, so draw rows between midpoints on a symlog axis
     edges = _edges(times)
@@ -157,9 +156,10 @@ def density(path: Path, summary: dict, solution: dict) -> Path:
     return out
 
 
-def _snapshot_rows(solution: dict, states: list[int]) -> np.ndarray:
-    """Rows of ``snapshots_pi`` holding ``states`` (``snapshot_states`` lists the states kept)."""
-    return np.searchsorted(solution["snapshot_states"], states)
+def _shown_snapshots(solution: dict) -> tuple[list[int], np.ndarray]:
+    """The states drawn in ``density.png`` and their snapshot policies ``(K, len(shown), M)``."""
+    shown = shown_states(len(solution["states"]))
+    return shown, solution["snapshots_pi"][:, snapshot_rows(solution["snapshot_states"], shown)]
 
 
 def _edges(x: np.ndarray) -> np.ndarray:
@@ -235,10 +235,9 @@ def _colorbar(fig, filled, axes, label: str, ticks=None) -> None:
 
 def _density_2d(path: Path, solution: dict) -> Path:
     """Filled contours of ``p(t, a)`` for up to three states (rows) at four snapshot times and ``pi*`` (columns)."""
-    times, snaps, states = solution["snapshots_t"], solution["snapshots_pi"], solution["states"]
+    times, states = solution["snapshots_t"], solution["states"]
     a, cells, pi_star = solution["actions"], solution["cells"], solution["pi_star"]
-    shown = shown_states(len(states))
-    snaps = snaps[:, _snapshot_rows(solution, shown)]
+    shown, snaps = _shown_snapshots(solution)
     picks = np.unique(np.linspace(0, times.size - 1, min(4, times.size)).round().astype(int))
     fig, axes = plt.subplots(len(shown), picks.size + 1, figsize=(3.2 * (picks.size + 1) + 1.2, 3.2 * len(shown)),
                              squeeze=False, layout="constrained")

@@ -7,7 +7,7 @@ import pytest
 
 from solver import bellman, flows, oracles
 from solver.fem import rectangle_space
-from solver.mdp import build_mdp
+from solver.mdp import build_mdp, product_grid
 from solver.models import lqr
 
 from .conftest import random_policy
@@ -17,9 +17,9 @@ COUPLED = {"A": [[0.9, 0.1], [-0.1, 0.8]], "B": [[0.5, 0.2], [0.0, 0.7]], "q": 1
 
 
 def grid(lower: float, upper: float, n: int) -> np.ndarray:
-    """``(n^2, 2)`` row-major grid states, as :func:`solver.experiment.state_grid`."""
+    """``(n^2, 2)`` row-major grid states on ``[lower, upper]^2``."""
     x = np.linspace(lower, upper, n)
-    return np.stack(np.meshgrid(x, x, indexing="ij"), axis=-1).reshape(-1, 2)
+    return product_grid(x, x)
 
 
 @pytest.mark.parametrize("std", [None, 1.5])
@@ -52,7 +52,7 @@ def test_state2_oracle_is_a_fixed_point_of_the_soft_bellman_operator(std):
     exact = oracles.lqr_state2_optimum(p["A"], p["B"], p["q"], p["r"], p["sigma"], gamma, tau, std)
     A, B, R = np.array(p["A"]), np.array(p["B"]), np.diag(p["r"])
     x = np.linspace(-8, 8, 401)
-    a = np.stack(np.meshgrid(x, x, indexing="ij"), axis=-1).reshape(-1, 2)
+    a = product_grid(x, x)
     h2 = (x[1] - x[0]) ** 2
     log_mu = 0.0 if std is None else -np.sum(a ** 2, axis=1) / (2 * std ** 2) - math.log(2 * math.pi * std ** 2)
     for s in ([0.0, 0.0], [1.5, -0.7], [-2.0, 2.0]):

@@ -5,7 +5,7 @@ import pytest
 
 from solver import bellman, oracles
 from solver.fem import interval_space, rectangle_space
-from solver.mdp import build_mdp
+from solver.mdp import build_mdp, product_grid
 from solver.models import double_well, lqr
 
 from .conftest import LQR_PARAMS, random_policy
@@ -91,7 +91,7 @@ def test_small_tau_is_finite(tau):
 def grid_2d_mdp():
     """A 2D-state LQR on a 41 x 41 grid (N = 1681 > DENSE_STATES) whose P^pi is dense: GMRES territory."""
     x = np.linspace(-2, 2, 41)
-    states = np.stack(np.meshgrid(x, x, indexing="ij"), axis=-1).reshape(-1, 2)
+    states = product_grid(x, x)
     model = lqr(A=0.9, B=[[0.5, 0.0], [0.0, 0.5]], sigma=0.2)
     return build_mdp(model, states, rectangle_space((-1.5, -1.5), (1.5, 1.5), (8, 8)), 0.95, 0.5)
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from solver import mdp as mdp_module
-from solver.mdp import GaussianGridKernel, GaussianGridKernel2D
+from solver.mdp import GaussianGridKernel, GaussianGridKernel2D, product_grid
 
 
 def dense_kernel(states, mean, sigma):
@@ -45,11 +45,6 @@ def test_grid_gaussian_moments_at_round_off():
     np.testing.assert_allclose(m2 - m1 ** 2, 0.09, rtol=1e-12)
 
 
-def grid_2d(x, y):
-    """Row-major ``(nx ny, 2)`` grid, as :func:`solver.experiment.state_grid` builds it."""
-    return np.stack(np.meshgrid(x, y, indexing="ij"), axis=-1).reshape(-1, 2)
-
-
 @pytest.mark.parametrize("stored", [True, False], ids=["stored-windows", "recomputed-windows"])
 def test_2d_kernel_equals_dense_tensor(monkeypatch, stored):
     """The tensor-product kernel is the brute-force grid Gaussian, renormalised over the 2D grid, to round-off."""
@@ -58,7 +53,7 @@ def test_2d_kernel_equals_dense_tensor(monkeypatch, stored):
         monkeypatch.setattr(mdp_module, "KERNEL_CHUNK_BYTES", 1)  # one state per chunk: chunking must not matter
     rng = np.random.default_rng(1)
     x, y = np.linspace(-2, 2, 23), np.linspace(-1, 1.5, 17)  # unequal axes and spacings catch transposed axes
-    states = grid_2d(x, y)
+    states = product_grid(x, y)
     mean = rng.uniform(-3, 3, size=(states.shape[0], 9, 2))  # includes means outside the grid
     kernel = GaussianGridKernel2D((x, y), mean, 0.1)
     assert kernel.stored is stored
@@ -79,7 +74,7 @@ def test_2d_kernel_equals_dense_tensor(monkeypatch, stored):
 def test_2d_grid_gaussian_moments_at_round_off():
     """math.md §7.5.4 per axis: with h_s <= sigma/2 the mean and covariance sigma^2 I are exact to round-off."""
     x, y = np.linspace(-4, 3, 71), np.linspace(-3.5, 4, 76)  # h = 0.1 = sigma / 3; f +- 9 sigma inside
-    states = grid_2d(x, y)
+    states = product_grid(x, y)
     f = np.array([[0.0123, -0.377], [-1.1, 0.9], [0.5, 0.051]])
     kernel = GaussianGridKernel2D((x, y), np.repeat(f[None], states.shape[0], axis=0), 0.3)
     m1 = np.stack([kernel.expect(states[:, d])[0] for d in range(2)], axis=-1)

@@ -34,7 +34,7 @@ SMALL = ["--set", "states.n=31", "--set", "actions.cells=64", "--set", "flow.t_e
 #: gathered P^pi; 145 action DOFs keep it short.
 SMALL_2D_STATES = ["--set", "states.n=[41,41]", "--set", "actions.cells=8", "--set", "flow.t_end=0.3",
                    "--set", "output.snapshots=3", "--quiet"]
-#: The issue's requirement; the runs in fact agree bit for bit (same operations per row).
+#: The issue's requirement. Measured: lqr_1d agrees bit for bit; the 41 x 41 grid to 2.8e-13 (round-off in V*).
 TOLERANCE = 1e-10
 
 needs_mpirun = pytest.mark.skipif(MPIRUN is None, reason="mpirun not installed (Debian: openmpi-bin)")
