@@ -1,4 +1,5 @@
-"""The particle picture of the WPG flow (math.md §3; the nonparametric WPO): reflected Langevin particles.
+"""``flow.kind = "particles"``: the particle picture of the WPG flow (theory.md §3; the nonparametric WPO),
+reflected Langevin particles.
 
 For every state ``s``, ``n`` particles follow
 
@@ -13,7 +14,7 @@ evaluated from the particles themselves:
 * **drift:** ``grad_a`` of the P1 interpolant of ``Q + tau log mu`` (constant on each cell), with ``Q`` from the
   soft policy evaluation of the estimated density at the start of the step;
 * **time:** Euler-Maruyama, then reflection ``a -> 2 lo - a`` / ``2 hi - a`` (folded, so any overshoot
-  lands inside). Weak error ``O(dt)`` in the interior and ``O(sqrt(dt))`` near the boundary (math.md §8.8).
+  lands inside). Weak error ``O(dt)`` in the interior and ``O(sqrt(dt))`` near the boundary (theory.md §8.8).
 
 Initial positions are drawn exactly from the P1 interpolant of ``p0`` (cell by mass, then inverse CDF of the
 linear density in the cell). Everything is vectorised over states and particles; the random stream is
@@ -26,14 +27,12 @@ point-location search and reflection at a polygonal boundary; none is implemente
 from __future__ import annotations
 
 import math
-from typing import Iterator
 
 import numpy as np
 
-from . import flows
-from .fem import ActionSpace
-from .flows import FlowState
-from .mdp import MDP
+from ..fem import ActionSpace
+from ..mdp import MDP
+from .base import Flow, FlowState
 
 
 def _check_interval(space: ActionSpace) -> None:
@@ -117,40 +116,46 @@ def drift(mdp: MDP, Q: np.ndarray, a: np.ndarray) -> np.ndarray:
     return np.take_along_axis(slope, cell, axis=1)
 
 
-def particle_flow(mdp: MDP, p0: np.ndarray, dt: float, n_particles: int = 1000, seed: int = 0,
-                  t_end: float = math.inf) -> Iterator[FlowState]:
-    """Yield the particle flow (Euler-Maruyama with reflection) as flow states.
+class Particles(Flow):
+    """Reflected Langevin particles per state (Euler-Maruyama with reflection, module docstring).
 
-    Each yielded :class:`FlowState` carries the cloud-in-cell density ``p`` of the particles and its policy
-    evaluation (whose ``Q`` drives the next step); the particles themselves stay inside the generator.
-
-    Args:
-        mdp: the discrete MDP (1D action interval).
-        p0: ``(N, M)`` initial density; ``n_particles`` positions per state are drawn from it.
-        dt: Euler-Maruyama step.
-        n_particles: particles per state.
-        seed: seed of ``numpy.random.default_rng``.
-        t_end: final time.
-
-    Raises:
-        ValueError: if the action space is not a 1D interval.
-        solver.flows.NumericalError: if the policy evaluation fails.
+    Each flow state carries the cloud-in-cell density ``p`` of the particles and its policy evaluation (whose
+    ``Q`` drives the next step); the positions stay inside the flow. ``flow.particles`` per state, random stream
+    ``numpy.random.default_rng(flow.seed)``. No dissipation and no predicted rate: the Fisher information of a
+    particle histogram is dominated by sampling noise, and so is the gap's floor.
     """
-    space = mdp.space
-    _check_interval(space)
-    rng = np.random.default_rng(seed)
-    lower, upper = float(space.coords[0, 0]), float(space.coords[-1, 0])
-    a = sample(space, p0, n_particles, rng)
-    noise = math.sqrt(2.0 * mdp.tau)
-    t, n = 0.0, 0
-    p = deposit(space, a)
-    ev = flows._evaluate_checked(mdp, p, n, t)
-    yield FlowState(step=0, t=0.0, dt=0.0, p=p, evaluation=ev, g=flows.potential(mdp, ev.Q))
-    while t < t_end * (1 - 1e-12):
-        t_new = min((n + 1) * dt, t_end)  # lands on t = n dt exactly
-        h = t_new - t
-        a = reflect(a + drift(mdp, ev.Q, a) * h + noise * math.sqrt(h) * rng.standard_normal(a.shape), lower, upper)
-        t, n = t_new, n + 1
-        p = deposit(space, a)
-        ev = flows._evaluate_checked(mdp, p, n, t)
-        yield FlowState(step=n, t=t, dt=h, p=p, evaluation=ev, g=flows.potential(mdp, ev.Q))
+
+    kind = "particles"
+    actions_2d = False
+    linear_rate = False
+
+    def start(self, p0: np.ndarray) -> np.ndarray:
+        space = self.mdp.space
+        _check_interval(space)
+        self._rng = np.random.default_rng(self.config.seed)
+        self._bounds = float(space.coords[0, 0]), float(space.coords[-1, 0])
+        self._a = sample(space, p0, self.config.particles, self._rng)
+        return deposit(space, self._a)
+
+    def advance(self, state: FlowState, t_end: float) -> tuple[np.ndarray, float, int]:
+        t_new = self.fixed_time(state, t_end)
+        h = t_new - state.t
+        noise = math.sqrt(2.0 * self.mdp.tau) * math.sqrt(h) * self._rng.standard_normal(self._a.shape)
+        self._a = reflect(self._a + drift(self.mdp, state.evaluation.Q, self._a) * h + noise, *self._bounds)
+        return deposit(self.mdp.space, self._a), t_new, 0
+
+    def checkpoint(self) -> dict[str, np.ndarray]:
+        """Positions and the generator's state (``bit_generator.state`` as JSON text)."""
+        import json
+
+        return {"positions": self._a, "rng_state": np.array(json.dumps(self._rng.bit_generator.state))}
+
+    def restore(self, p: np.ndarray, data: dict[str, np.ndarray]) -> None:
+        import json
+
+        space = self.mdp.space
+        _check_interval(space)
+        self._rng = np.random.default_rng(self.config.seed)
+        self._rng.bit_generator.state = json.loads(str(data["rng_state"]))
+        self._bounds = float(space.coords[0, 0]), float(space.coords[-1, 0])
+        self._a = data["positions"]

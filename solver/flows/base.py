@@ -1,0 +1,214 @@
+"""What every flow kind shares: the flow state, the checked policy evaluation, the protocol and the time loop.
+
+A flow kind is one module of :mod:`solver.flows` with one subclass of :class:`Flow`, registered in
+``solver/flows/__init__.py``. The subclass says how the policy moves over one step (:meth:`Flow.advance`) and
+what it knows about itself: its statewise dissipation (for the predicted ``dJ/dt``, theory.md §4), its
+asymptotic rate (theory.md §5.3(e), §6) and its capabilities (MPI over states, adaptive steps, 2D actions).
+:func:`trajectory` does the rest for every kind: evaluation of each new policy, refusal of non-finite values,
+fixed steps that land on ``t = n dt`` exactly, and the flow states it yields.
+
+Life time of a state: :func:`trajectory` never releases anything; a yielded state stays valid until its
+consumer calls :meth:`FlowState.release` (the runner does, once every observer has seen the state and the loop
+goes on: for large state grids ``P^pi`` is the largest array of a step).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar, Iterator
+
+import numpy as np
+
+from .. import bellman
+from ..config import ConfigError
+from ..mdp import MDP
+from ..parallel import Partition
+
+
+@dataclass
+class FlowState:
+    """One point of the flow: ``p`` at time ``t``, reached by a step of size ``dt`` (0 at the start).
+
+    Attributes:
+        step: step index (0 for the initial policy).
+        t: time.
+        dt: size of the step that produced this state.
+        p: ``(N, M)`` policy density w.r.t. Lebesgue (``sum_j w_j p_ij = 1``).
+        evaluation: soft policy evaluation of ``p`` (``V``, ``Q`` and the resolvent for adjoint solves).
+        g: ``(N, M)`` log Gibbs density ``Q / tau + log mu`` of ``Q`` (the potential of the next step).
+        rejected: steps rejected by an adaptive controller before this one was accepted.
+    """
+
+    step: int
+    t: float
+    dt: float
+    p: np.ndarray
+    evaluation: bellman.Evaluation
+    g: np.ndarray
+    rejected: int = 0
+
+    def release(self) -> None:
+        """Free the resolvent of the evaluation (its factorisation or ``P^pi``); ``V``, ``Q`` and ``p`` stay."""
+        self.evaluation.resolvent.release()
+
+
+class NumericalError(RuntimeError):
+    """A flow produced non-finite values."""
+
+
+def potential(mdp: MDP, Q: np.ndarray) -> np.ndarray:
+    """``g = Q / tau + log mu`` (the log of the unnormalised Gibbs density), ``(N, M)``."""
+    g = Q / mdp.tau
+    g += mdp.log_mu
+    return g
+
+
+def evaluate_checked(mdp: MDP, p: np.ndarray, step: int, t: float,
+                     partition: Partition | None = None) -> bellman.Evaluation:
+    """Soft policy evaluation of ``p``, refusing non-finite policies, values or a singular Bellman system.
+
+    Raises:
+        NumericalError: naming the step and time.
+    """
+    where = f"at step {step} (t = {t:.6g})"
+    if not np.all(np.isfinite(p)):
+        raise NumericalError(f"non-finite values in the policy {where}")
+    try:
+        ev = bellman.evaluate(mdp, p, None if partition is None or partition.serial else partition)
+    except (RuntimeError, ValueError, np.linalg.LinAlgError) as exc:  # singular or non-finite I - gamma P^pi
+        raise NumericalError(f"policy evaluation failed {where}: {exc}") from None
+    if not (np.all(np.isfinite(ev.V)) and np.all(np.isfinite(ev.Q))):
+        raise NumericalError(f"non-finite values in V or Q {where}")
+    return ev
+
+
+class Flow:
+    """One flow kind. Subclasses set the class attributes and implement :meth:`advance`.
+
+    Attributes (class level):
+        kind: the ``flow.kind`` name.
+        mpi: runs with the states split over MPI ranks.
+        adaptive: supports ``flow.adaptive``.
+        actions_2d: supports 2D action domains.
+        linear_rate: the gap decays at a linear rate, so fitting and predicting one makes sense.
+
+    Args:
+        mdp: the discrete MDP.
+        config: the ``[flow]`` table (:class:`solver.config.FlowConfig`).
+        partition: the states of this rank (a one-rank partition when serial).
+        model: the :class:`solver.models.Model` of ``mdp``, for kinds that evaluate it off the action mesh.
+    """
+
+    kind: ClassVar[str] = ""
+    mpi: ClassVar[bool] = False
+    adaptive: ClassVar[bool] = False
+    actions_2d: ClassVar[bool] = True
+    linear_rate: ClassVar[bool] = True
+
+    def __init__(self, mdp: MDP, config, partition: Partition, model=None):
+        self.mdp, self.config, self.partition, self.model = mdp, config, partition, model
+
+    @classmethod
+    def check(cls, config, space, partition: Partition) -> None:
+        """Refuse a configuration this kind cannot run, naming the key (raises :class:`ConfigError`)."""
+        if config.adaptive and not cls.adaptive:
+            raise ConfigError(f"flow.adaptive: flow.kind = {cls.kind!r} has no adaptive step "
+                              f"(kinds with one: {', '.join(adaptive_kinds())})")
+        if not space.is_chain and not cls.actions_2d:
+            raise ConfigError(f"flow.kind: {cls.kind!r} needs a 1D action interval (2D action domains are not "
+                              "supported)")
+        if not partition.serial and not cls.mpi:
+            raise ConfigError(f"flow.kind: only {', '.join(map(repr, mpi_kinds()))} runs on several MPI ranks "
+                              f"(got {cls.kind!r}); run it without mpirun")
+
+    def start(self, p0: np.ndarray) -> np.ndarray:
+        """Set up the flow's own state from the initial policy; return the policy of step 0."""
+        return p0
+
+    def advance(self, state: FlowState, t_end: float) -> tuple[np.ndarray, float, int]:
+        """One step from ``state``: ``(p at the new time, the new time, steps rejected on the way)``."""
+        raise NotImplementedError
+
+    def checkpoint(self) -> dict[str, np.ndarray]:
+        """The flow's own state after the last step, as arrays (``checkpoint.npz``; collective under MPI).
+
+        Together with the last state's ``p`` it must determine every later step bit for bit. The default (no
+        state beyond ``p``) suits kinds whose step depends on ``p`` and ``Q`` alone; a kind that carries more
+        (masses, a log-density, particles, a step-size controller) overrides this and :meth:`restore`.
+        """
+        return {}
+
+    def restore(self, p: np.ndarray, data: dict[str, np.ndarray]) -> None:
+        """Continue from :meth:`checkpoint`'s ``data`` taken at the state of policy ``p`` (instead of :meth:`start`)."""
+        self.start(p)
+
+    def more(self, state: FlowState, t_end: float) -> bool:
+        """Whether :func:`trajectory` takes another step from ``state`` (default: ``t < t_end``)."""
+        return state.t < t_end * (1 - 1e-12)
+
+    def dissipation(self, state: FlowState) -> np.ndarray | None:
+        """Statewise dissipation ``D`` ``(N,)`` with ``dJ/dt = rho^T (I - gamma P^pi)^{-1} D``; None if none."""
+        return None
+
+    def predicted_rate(self, ell_min: float) -> float | None:
+        """Asymptotic gap rate given the smallest generator gap at ``Q*`` (None where there is no prediction)."""
+        return None
+
+    def summary(self, problem, result) -> dict:
+        """Keys this kind adds to ``summary.json`` after a run (``problem``, ``result``: :mod:`solver.runner`)."""
+        return {}
+
+    def fixed_time(self, state: FlowState, t_end: float) -> float:
+        """The end of a fixed step from ``state``: ``(n + 1) dt`` (no accumulated round-off), capped at ``t_end``."""
+        return min((state.step + 1) * self.config.dt, t_end)
+
+
+def trajectory(flow: Flow, p0: np.ndarray, t_end: float = math.inf, resume: dict | None = None) -> Iterator[FlowState]:
+    """Yield the flow states ``p^0, p^1, ...`` of ``flow`` from ``p0`` (forever, or until ``t_end``).
+
+    Every state holds the full ``p``, ``V``, ``Q`` and ``g`` (on every rank under MPI).
+
+    ``resume``: continue from a checkpoint instead: ``p0`` is the policy of the checkpointed state, ``resume`` its
+    ``step``, ``t``, ``dt``, ``rejected`` and ``flow`` (:meth:`Flow.checkpoint`'s arrays); the first state yielded
+    is the checkpointed one (evaluated again: the same ``V``, ``Q``, ``g``), and the following ones equal those of
+    the uninterrupted run bit for bit.
+
+    Raises:
+        NumericalError: if a step produces non-finite values.
+    """
+    mdp, partition = flow.mdp, flow.partition
+    if resume is None:
+        p, step, t, dt, rejected = flow.start(p0), 0, 0.0, 0.0, 0
+    else:
+        flow.restore(p0, resume["flow"])
+        p, step, t = p0, int(resume["step"]), float(resume["t"])
+        dt, rejected = float(resume["dt"]), int(resume["rejected"])
+    ev = evaluate_checked(mdp, p, step, t, partition)
+    state = FlowState(step=step, t=t, dt=dt, p=p, evaluation=ev, g=potential(mdp, ev.Q), rejected=rejected)
+    yield state
+    while flow.more(state, t_end):
+        p, t, rejected = flow.advance(state, t_end)
+        n = state.step + 1
+        ev = evaluate_checked(mdp, p, n, t, partition)
+        state = FlowState(step=n, t=t, dt=t - state.t, p=p, evaluation=ev, g=potential(mdp, ev.Q), rejected=rejected)
+        yield state
+
+
+def _kinds() -> list[type[Flow]]:
+    """Every defined flow kind (the subclasses of :class:`Flow` with a ``kind``), for error messages."""
+    found, todo = [], list(Flow.__subclasses__())
+    while todo:
+        cls = todo.pop(0)
+        todo.extend(cls.__subclasses__())
+        if cls.kind:
+            found.append(cls)
+    return found
+
+
+def adaptive_kinds() -> list[str]:
+    return [cls.kind for cls in _kinds() if cls.adaptive]
+
+
+def mpi_kinds() -> list[str]:
+    return [cls.kind for cls in _kinds() if cls.mpi]
