@@ -48,6 +48,11 @@ DIGITS = 12
 ZERO = 1e-10
 
 
+def _cross(u: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """The z-component of the cross product of 2-vectors (numpy 2 deprecates ``np.cross`` on 2-vectors)."""
+    return u[..., 0] * v[..., 1] - u[..., 1] * v[..., 0]
+
+
 def gmsh_triangles(geo: Path, h: float) -> tuple[np.ndarray, np.ndarray]:
     """Mesh ``geo`` with gmsh; return points ``(n, 2)`` (unused ones dropped) and triangles ``(c, 3)``."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -64,7 +69,7 @@ def gmsh_triangles(geo: Path, h: float) -> tuple[np.ndarray, np.ndarray]:
 
 def counter_clockwise(points: np.ndarray, triangles: np.ndarray) -> np.ndarray:
     p = points[triangles]
-    area2 = np.cross(p[:, 1] - p[:, 0], p[:, 2] - p[:, 0])
+    area2 = _cross(p[:, 1] - p[:, 0], p[:, 2] - p[:, 0])
     triangles = triangles.copy()
     triangles[area2 < 0] = triangles[area2 < 0][:, [0, 2, 1]]
     return triangles
@@ -76,7 +81,7 @@ def cotangents(points: np.ndarray, triangles: np.ndarray) -> np.ndarray:
     cot = np.empty(triangles.shape)
     for i in range(3):
         u, v = p[:, (i + 1) % 3] - p[:, i], p[:, (i + 2) % 3] - p[:, i]
-        cot[:, i] = np.einsum("ij,ij->i", u, v) / np.abs(np.cross(u, v))
+        cot[:, i] = np.einsum("ij,ij->i", u, v) / np.abs(_cross(u, v))
     return cot
 
 

@@ -19,6 +19,10 @@ Action domains (``[actions] domain``, see :mod:`solver.config`): :func:`interval
 shipped ``meshes/<shape>_<resolution>.xdmf`` (:data:`MESH_SHAPES` x :data:`RESOLUTIONS`, made by
 ``meshes/generate.py``); :func:`domain_space` dispatches on the domain name. Every mesh is read on
 ``MPI.COMM_SELF`` (each MPI rank holds the whole action mesh).
+
+DOLFINx 0.5 (Debian 12) and 0.7 or later (Debian 13: 0.9) are supported; where their APIs differ (function space
+constructor, finalising the assembled matrix, the dofmap's cell list), the helpers at the end of this module
+pick the call by feature detection, never by version number.
 """
 
 from __future__ import annotations
@@ -185,19 +189,52 @@ def _space_from_mesh(mesh, source: str = "mesh") -> ActionSpace:
     import dolfinx.fem
     import ufl
 
-    V = dolfinx.fem.FunctionSpace(mesh, ("Lagrange", 1))
+    V = _p1_space(mesh)
     u, v = ufl.TrialFunction(V), ufl.TestFunction(V)
-    stiffness = dolfinx.fem.assemble_matrix(dolfinx.fem.form(ufl.inner(ufl.grad(u), ufl.grad(v)) * ufl.dx))
-    stiffness.finalize()
-    lumped = dolfinx.fem.assemble_vector(dolfinx.fem.form(v * ufl.dx)).array.copy()
+    K = _csr(dolfinx.fem.assemble_matrix(dolfinx.fem.form(ufl.inner(ufl.grad(u), ufl.grad(v)) * ufl.dx)), V)
+    lumped = np.array(dolfinx.fem.assemble_vector(dolfinx.fem.form(v * ufl.dx)).array, dtype=float)
     tdim = mesh.topology.dim  # planar meshes only (mesh_space checks z = 0): the coordinates that matter
-    coords = V.tabulate_dof_coordinates()[:, :tdim].copy()
-    dofmap = V.dofmap.list.array.reshape(-1, tdim + 1).copy()
-    K = sp.csr_matrix((stiffness.data.copy(), stiffness.indices.copy(), stiffness.indptr.copy()),
-                      shape=(coords.shape[0],) * 2)
+    coords = np.array(V.tabulate_dof_coordinates()[:, :tdim], dtype=float)
+    dofmap = _cell_dofs(V.dofmap, tdim + 1)
     if not (np.all(np.isfinite(K.data)) and np.all(lumped > 0)):
         raise ConfigError(f"{source} has degenerate (zero-area) cells or unused vertices")
     return _renumbered(coords, lumped, K, dofmap, source)
+
+
+# --- DOLFINx version differences, chosen by feature detection (Debian 12: 0.5.2; Debian 13: 0.9.0; newer) ----
+
+def _p1_space(mesh):
+    """The P1 Lagrange space on ``mesh``: ``dolfinx.fem.functionspace`` (0.7 and later), else the 0.5/0.6
+    class constructor ``FunctionSpace(mesh, ("Lagrange", 1))`` (from 0.7 on ``FunctionSpace`` is a class that
+    wraps an existing C++ space and takes other arguments)."""
+    import dolfinx.fem
+
+    make = getattr(dolfinx.fem, "functionspace", None) or dolfinx.fem.FunctionSpace
+    return make(mesh, ("Lagrange", 1))
+
+
+def _csr(A, V) -> sp.csr_matrix:
+    """A DOLFINx ``MatrixCSR`` (assembled on ``MPI.COMM_SELF``) as a SciPy CSR matrix of shape ``(M, M)``.
+
+    Ghost contributions are accumulated first: ``finalize()`` in 0.5/0.6, ``scatter_reverse()`` from 0.7 on (on
+    one rank there are none, so this only keeps the call correct). The CSR arrays are ``data``/``indices``/
+    ``indptr`` in every version (the C++ object in 0.5, the Python wrapper from 0.7 on); they are copied, because
+    the matrix owns them, in their own integer types. Ghost rows (a bug on one rank) raise RuntimeError, ghost
+    columns SciPy's ValueError.
+    """
+    (getattr(A, "scatter_reverse", None) or A.finalize)()
+    n = V.dofmap.index_map.size_local * V.dofmap.index_map_bs
+    indptr = np.array(A.indptr)
+    if indptr.size != n + 1:
+        raise RuntimeError(f"DOLFINx matrix has {indptr.size - 1} rows for {n} DOFs (ghost rows on one rank?)")
+    return sp.csr_matrix((np.array(A.data, dtype=float), np.array(A.indices), indptr), shape=(n, n))
+
+
+def _cell_dofs(dofmap, per_cell: int) -> np.ndarray:
+    """Cell-to-DOF connectivity ``(C, per_cell)``: ``dofmap.list`` is an ``AdjacencyList`` with a flat
+    ``.array`` in 0.5/0.6 and a 2D NumPy array from 0.7 on."""
+    cells = dofmap.list
+    return np.array(getattr(cells, "array", cells)).reshape(-1, per_cell)
 
 
 def _renumbered(coords, weights, K, cells, source: str = "mesh") -> ActionSpace:

@@ -19,6 +19,11 @@ AREA = {"disk": math.pi, "annulus": 0.75 * math.pi, "lshape": 3.0, "rectangle": 
 J11 = 1.8411837813406593  # first zero of J_1': the unit disk's first non-zero Neumann eigenvalue is J11^2
 
 
+def _cross(u: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """The z-component of the cross product of 2-vectors (numpy 2 deprecates ``np.cross`` on 2-vectors)."""
+    return u[..., 0] * v[..., 1] - u[..., 1] * v[..., 0]
+
+
 def load(shape, resolution):
     return fem.mesh_space(fem.MESH_DIR / f"{shape}_{resolution}.xdmf")
 
@@ -36,7 +41,7 @@ def cotangent_couplings(coords, cells):
     for i in range(3):
         a, b, c = cells[:, i], cells[:, (i + 1) % 3], cells[:, (i + 2) % 3]
         u, v = coords[b] - coords[a], coords[c] - coords[a]
-        cot = np.einsum("ij,ij->i", u, v) / np.abs(np.cross(u, v))
+        cot = np.einsum("ij,ij->i", u, v) / np.abs(_cross(u, v))
         for j, k, w in zip(np.minimum(b, c), np.maximum(b, c), cot / 2):
             omega[(j, k)] = omega.get((j, k), 0.0) + w
     return omega
@@ -55,7 +60,7 @@ def test_shipped_mesh_is_delaunay_and_its_couplings_are_the_cotangent_formula(sh
     assert len(omega) - space.edges.shape[0] == sum(abs(w) <= 1e-12 for w in omega.values())  # only right angles
     # lumped weights are a third of the adjacent triangles' areas
     p = space.coords[space.cells]
-    area = 0.5 * np.abs(np.cross(p[:, 1] - p[:, 0], p[:, 2] - p[:, 0]))
+    area = 0.5 * np.abs(_cross(p[:, 1] - p[:, 0], p[:, 2] - p[:, 0]))
     np.testing.assert_allclose(space.weights, np.bincount(space.cells.ravel(), np.repeat(area / 3, 3)), rtol=1e-12)
 
 
@@ -107,7 +112,7 @@ def neumann_gap(space):
 
 
 def test_fine_disk_poincare_constant_is_second_order_accurate():
-    """lambda_2 of the unit disk = j'_11^2 = 3.38996 (math.md §7.4); P1 with lumped mass converges at O(h^2)."""
+    """lambda_2 of the unit disk = j'_11^2 = 3.38996 (theory.md §7.4); P1 with lumped mass converges at O(h^2)."""
     exact = J11 ** 2
     errors = {res: abs(neumann_gap(load("disk", res)) - exact) / exact for res in fem.RESOLUTIONS}
     assert errors["fine"] < 3e-4  # measured 1.6e-4: the fine disk supports a 1e-3 Poincare test
@@ -136,7 +141,8 @@ KITE = np.array([[-1.0, 0.0], [1.0, 0.0], [0.0, 0.2], [0.0, -0.2]])
 
 def write_mesh(path, points, cells):
     """A minimal XDMF triangle mesh, XY geometry (XYZ if ``points`` has three columns)."""
-    coords = "\n".join(" ".join(map(repr, p)) for p in points)
+    # repr of a plain float (shortest round-trip digits); numpy >= 2 writes np.float64 scalars as "np.float64(-1.0)"
+    coords = "\n".join(" ".join(repr(float(x)) for x in p) for p in points)
     geometry = "XY" if points.shape[1] == 2 else "XYZ"
     topology = "\n".join(" ".join(map(str, c)) for c in cells)
     path.write_text(
@@ -262,12 +268,12 @@ def test_bad_domain_keys_name_the_key(table, message):
 
 
 def test_unknown_domain_file_is_refused_at_build(tmp_path):
-    from solver import experiment
+    from solver import runner
 
     cfg = config.from_dict({"mdp": {"model": "bandit", "gamma": 0.9, "tau": 0.5, "params": {"center": [0, 0]}},
                             "actions": {"domain": str(tmp_path / "none.xdmf")}})
     with pytest.raises(ConfigError, match="actions.domain: mesh file .*none.xdmf not found"):
-        experiment.build(cfg)
+        runner.build(cfg)
 
 
 # --- 2D runs end to end and density.xdmf ---------------------------------------------------------------------
