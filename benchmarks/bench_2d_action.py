@@ -1,4 +1,4 @@
-"""Benchmark: one batched implicit WPG step on 2D action meshes, banded LAPACK vs SuperLU (flows.implicit_step).
+"""Benchmark: one batched implicit WPG step on 2D action meshes, banded LAPACK vs SuperLU (fokker_planck.implicit_step).
 
 For crossed-diagonal meshes of the square [-3, 3]^2 with about 250, 550, 1000 and 4000 DOFs and N = 1, 41, 121
 states, prints the time of one ``implicit_step`` (edge rates + assembly + solve) for ``method="banded"`` and
@@ -13,7 +13,7 @@ import time
 
 import numpy as np
 
-from solver import flows
+from solver.flows import fokker_planck
 from solver.fem import interval_space, rectangle_space
 
 
@@ -45,13 +45,13 @@ def main():
     print(header)
     print("-" * len(header))
     for name, space in spaces:
-        auto = "banded" if space.is_chain or space.bandwidth <= flows.BANDED_MAX_BANDWIDTH else "sparse"
+        auto = "banded" if space.is_chain or space.bandwidth <= fokker_planck.BANDED_MAX_BANDWIDTH else "sparse"
         for n in (1, 41, 121):
             masses, g = case(space, n, rng)
             times, results = {}, {}
             for method in ("banded", "sparse"):
                 def step(method=method):
-                    results[method] = flows.implicit_step(space, masses, g, 0.5, 0.1, method=method)
+                    results[method] = fokker_planck.implicit_step(space, masses, g, 0.5, 0.1, method=method)
                 times[method] = seconds_per_call(step)
             diff = np.abs(results["banded"] - results["sparse"]).max()
             print(f"{name:>8} {space.n_dofs:5d} {space.bandwidth:4d} {n:4d} {1e3 * times['banded']:10.2f} "

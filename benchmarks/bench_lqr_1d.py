@@ -1,18 +1,23 @@
 """Benchmark: cost of one WPG flow step on lqr_1d (121 states x 257 action DOFs) and time to gap 1e-10.
 
-Prints a table of per-stage costs, the cost of the same step written as a plain vectorised-numpy
-finite-volume code (dense N x M x N kernel tensor, einsum, batched Thomas algorithm), and the wall time
-of a whole run to gap 1e-10. Run with ``make bench`` (or ``.venv/bin/python benchmarks/bench_lqr_1d.py``).
+Prints a table of per-stage costs, then, interleaved in one process (A B A B, medians), wpgflow's step as a run
+takes it (flow step, evaluation of the new policy, its diagnostics row) against the same step written as a plain
+vectorised-numpy finite-volume code (dense N x M x N kernel tensor, einsum, batched Thomas algorithm), and the
+wall time of a whole run to gap 1e-10. Run with ``make bench`` (or ``.venv/bin/python benchmarks/bench_lqr_1d.py``).
 """
 
 from __future__ import annotations
 
+import os
+import statistics
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
-from solver import bellman, config, diagnostics, experiment, flows
+from solver import bellman, config, diagnostics, flows, runner
+from solver.flows import fokker_planck
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -56,7 +61,7 @@ class PlainNumpyFV:
         mdp = self.mdp
         w, h, tau = mdp.weights, self.h, mdp.tau
         dg = np.diff(Q / tau, axis=1)
-        fwd, bwd = tau / h * flows.bernoulli(-dg), tau / h * flows.bernoulli(dg)
+        fwd, bwd = tau / h * fokker_planck.bernoulli(-dg), tau / h * fokker_planck.bernoulli(dg)
         n, M = p.shape
         lower = np.zeros((n, M))
         upper = np.zeros((n, M))
@@ -79,10 +84,39 @@ class PlainNumpyFV:
         return x / w
 
 
+def interleaved(a, b, pairs: int = 7, number: int = 5) -> tuple[float, float]:
+    """Medians over ``pairs`` interleaved batches (A B A B ...) of the mean time of ``number`` calls each."""
+    ta, tb = [], []
+    for _ in range(pairs):
+        for fn, out in ((a, ta), (b, tb)):
+            start = time.perf_counter()
+            for _ in range(number):
+                fn()
+            out.append((time.perf_counter() - start) / number)
+    return statistics.median(ta), statistics.median(tb)
+
+
+class Stepper:
+    """wpgflow's step as a run takes it: advance the flow, evaluate the new policy, and the diagnostics row."""
+
+    def __init__(self, problem, diagnostics_row: bool = True):
+        self.problem, self.row = problem, diagnostics_row
+        self.flow = runner.make_flow(problem)
+        self.states = flows.trajectory(self.flow, bellman.uniform_policy(problem.mdp))
+        self.state = next(self.states)
+        self.previous = diagnostics.record(self.flow, self.state, problem.J_star) if diagnostics_row else None
+
+    def __call__(self):
+        self.state.release()
+        self.state = next(self.states)
+        if self.row:
+            self.previous = diagnostics.record(self.flow, self.state, self.problem.J_star, self.previous)
+
+
 def main():
     cfg = config.load(ROOT / "experiments" / "lqr_1d.toml")
     start = time.perf_counter()
-    problem = experiment.build(cfg)
+    problem = runner.build(cfg)
     setup = time.perf_counter() - start
     mdp, opt = problem.mdp, problem.optimum
     dt = cfg.flow.dt
@@ -90,39 +124,60 @@ def main():
     ev = bellman.evaluate(mdp, p)
     g = flows.potential(mdp, ev.Q)
     masses = p * mdp.weights
+    flow = runner.make_flow(problem)
     state = flows.FlowState(step=0, t=0.0, dt=0.0, p=p, evaluation=ev, g=g)
+    kernel = mdp.kernel
+    print(f"lqr_1d: {mdp.n_states} states x {mdp.n_actions} action DOFs, kernel window {kernel.width} states; "
+          f"T V by interpolation: {kernel.interpolation is not None}"
+          + (f" (operator error {kernel.interpolation.error:.1e})" if kernel.interpolation is not None else ""))
+    print(f"setup (mesh, kernel, soft policy iteration to 1e-12): {setup:.2f} s, {opt.iterations} SPI iterations")
+    print(f"machine: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}\n")
 
     stages = {
         "policy evaluation (P^pi, LU, solve, Q)": lambda: bellman.evaluate(mdp, p),
+        "  of which P^pi": lambda: kernel.policy_matrix(masses),
+        "  of which the LU of I - gamma P^pi": lambda: bellman.Resolvent(ev.resolvent_P, mdp.gamma),
         "  of which Q = R + gamma T V": lambda: bellman.q_values(mdp, ev.V),
-        "flow step (edge rates + banded solve)": lambda: flows.implicit_step(mdp.space, masses, g, mdp.tau, dt),
-        "diagnostics row (dissipation, KL, adjoint)": lambda: diagnostics.record(mdp, state, 0.0),
+        "flow step (edge rates + banded solve)": lambda: flows.fokker_planck.implicit_step(mdp.space, masses, g,
+                                                                                           mdp.tau, dt),
+        "diagnostics row (dissipation, KL, adjoint)": lambda: diagnostics.record(flow, state, 0.0),
     }
-    print(f"lqr_1d: {mdp.n_states} states x {mdp.n_actions} action DOFs, kernel window {mdp.kernel.width} states")
-    print(f"setup (mesh, kernel, soft policy iteration to 1e-12): {setup:.2f} s, {opt.iterations} SPI iterations\n")
+    ev.resolvent_P = kernel.policy_matrix(masses)
     print(f"{'stage':48s} {'ms/step':>9s}")
-    timings = {name: best_of(fn) for name, fn in stages.items()}
-    for name, seconds in timings.items():
-        print(f"{name:48s} {1e3 * seconds:9.2f}")
-    ours = timings["policy evaluation (P^pi, LU, solve, Q)"] + timings["flow step (edge rates + banded solve)"]
+    for name, fn in stages.items():
+        print(f"{name:48s} {1e3 * best_of(fn):9.2f}")
 
     plain = PlainNumpyFV(mdp, problem.model)
     V_plain, Q_plain = plain.evaluate(p)
     assert np.allclose(V_plain, ev.V, rtol=1e-10, atol=1e-10), "baseline disagrees with wpgflow"
     step_plain = plain.step(p, Q_plain, dt)
-    new = flows.implicit_step(mdp.space, masses, g, mdp.tau, dt) / mdp.weights
+    new = flows.fokker_planck.implicit_step(mdp.space, masses, g, mdp.tau, dt) / mdp.weights
     assert np.allclose(step_plain, new, rtol=1e-9, atol=1e-12), "baseline step disagrees with wpgflow"
-    baseline = best_of(lambda: plain.evaluate(p), number=3) + best_of(lambda: plain.step(p, Q_plain, dt), number=3)
-    print(f"\n{'step = evaluation + flow step':48s} {1e3 * ours:9.2f}")
-    print(f"{'plain numpy FV (dense tensor, Thomas loop)':48s} {1e3 * baseline:9.2f}   "
-          f"(wpgflow is {baseline / ours:.1f}x faster)")
 
-    start = time.perf_counter()
-    result = experiment.run(problem)
-    wall = time.perf_counter() - start
-    steps = len(result.rows) - 1
-    print(f"\nfull run to gap {result.rows[-1]['gap']:.2e} ({result.status}): {steps} steps, {wall:.2f} s, "
-          f"{1e3 * wall / steps:.2f} ms per step including diagnostics")
+    def plain_step():
+        plain.step(p, plain.evaluate(p)[1], dt)
+
+    ours, base = interleaved(Stepper(problem), plain_step)
+    bare, base2 = interleaved(Stepper(problem, diagnostics_row=False), plain_step)
+    print("\ninterleaved, medians of 7 pairs of 5 steps:")
+    print(f"{'plain numpy FV step (dense tensor, Thomas loop)':48s} {1e3 * base:9.2f}")
+    print(f"{'wpgflow step + diagnostics row':48s} {1e3 * ours:9.2f}   ratio {ours / base:.2f} (target <= 0.3)")
+    print(f"{'wpgflow step alone':48s} {1e3 * bare:9.2f}   ratio {bare / base2:.2f}")
+
+    print("\ntime to gap 1e-10 from the uniform policy (runner.run: steps with their diagnostics rows, no observers)")
+    print(f"{'flow':40s} {'dt':>6s} {'steps':>6s} {'s':>8s} {'ms/step':>8s} {'final gap':>10s}")
+    variants = [("wasserstein", {}), ("wasserstein", {"integrator": "exponential", "dt": 0.25}),
+                ("fisher_rao", {}), ("policy_iteration", {})]
+    for kind, options in variants:
+        variant = replace(cfg, flow=replace(cfg.flow, kind=kind, gap_tol=1e-10, t_end=100.0, **options))
+        run_problem = runner.Problem(config=variant, model=problem.model, mdp=mdp, optimum=opt)
+        start = time.perf_counter()
+        result = runner.run(run_problem)
+        wall = time.perf_counter() - start
+        steps = len(result.rows) - 1
+        name = kind + (f" ({options['integrator']})" if "integrator" in options else "")
+        print(f"{name:40s} {variant.flow.dt:6.2f} {steps:6d} {wall:8.2f} {1e3 * wall / steps:8.2f} "
+              f"{result.rows[-1]['gap']:10.2e}")
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from solver import cli, mdp as mdp_module
+from solver import budget, cli, mdp as mdp_module
 from solver.fem import rectangle_space
 from solver.models import lqr
 
@@ -74,14 +74,14 @@ def main(argv=None):
                         help="never store the kernel windows (the regime of the default size, at any size)")
     args = parser.parse_args(argv)
     if args.recompute_windows:
-        mdp_module.WINDOW_STORE_BYTES = 0
+        budget.WINDOW_STORE_BYTES = 0
     # the kernel's sizes, from the same MDP
     x = np.linspace(-2.0, 2.0, args.n)
     states = mdp_module.product_grid(x, x)
     space = rectangle_space((-1.0, -1.0), (1.0, 1.0), (args.cells, args.cells))
     mdp = mdp_module.build_mdp(lqr(**PARAMS), states, space, 0.9, 0.5)
     n, m, (width, band, stored) = mdp.n_states, mdp.n_actions, (mdp.kernel.width, mdp.kernel.band, mdp.kernel.stored)
-    estimate = mdp_module.memory_estimate(n, m, width, band, stored)
+    estimate = budget.memory_estimate(n, m, width, band, stored)
     del mdp
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
@@ -95,7 +95,7 @@ def main(argv=None):
           f"{width}, stored: {stored}; bands of P^pi bx, by = {band}")
     print(f"setup (MDP, soft policy iteration) {summary['setup_time_s']:.1f} s; {summary['steps']} WPG steps, "
           f"{summary['time_per_step_s']:.1f} s per step; whole run with outputs and plots {wall:.1f} s")
-    print(f"memory formula (solver.mdp.memory_estimate): {estimate / GIB:.3f} GiB; measured peak "
+    print(f"memory formula (solver.budget.memory_estimate): {estimate / GIB:.3f} GiB; measured peak "
           f"{peak / GIB:.3f} GiB")
 
 

@@ -38,7 +38,8 @@ from pathlib import Path
 
 import numpy as np
 
-from solver import bellman, config, diagnostics, experiment, flows
+from solver import bellman, config, diagnostics, flows, runner
+from solver.flows import fokker_planck
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG_1D = ROOT / "experiments" / "lqr_1d.toml"
@@ -75,22 +76,58 @@ def solve_values(mdp, p):
 def measure(path: Path, overrides: list[str]) -> dict:
     """Build the problem, time the stages of one step, then run to gap 1e-8."""
     cfg = config.load(path, COMMON + overrides)
-    problem = experiment.build(cfg)
+    problem = runner.build(cfg)
     mdp, dt = problem.mdp, cfg.flow.dt
-    p = experiment.initial_policy(cfg, mdp)
+    p = runner.initial_policy(cfg, mdp)
     ev = bellman.evaluate(mdp, p)
     g = flows.potential(mdp, ev.Q)
     masses = p * mdp.weights
     state = flows.FlowState(step=0, t=0.0, dt=0.0, p=p, evaluation=ev, g=g)
     stages = {"evaluation": best_of(lambda: solve_values(mdp, p)), "Q": best_of(lambda: bellman.q_values(mdp, ev.V)),
-              "flow step": best_of(lambda: flows.implicit_step(mdp.space, masses, g, mdp.tau, dt, cfg.flow.scheme)),
-              "diagnostics": best_of(lambda: diagnostics.record(mdp, state, problem.J_star, cfg.flow.scheme))}
-    result = experiment.run(problem)
+              "flow step": best_of(lambda: fokker_planck.implicit_step(mdp.space, masses, g, mdp.tau, dt,
+                                                                       cfg.flow.scheme)),
+              "diagnostics": best_of(lambda: diagnostics.record(runner.make_flow(problem), state, problem.J_star))}
+    result = runner.run(problem)
     steps = len(result.rows) - 1
     return {"dims": f"{mdp.states.ndim}D/{mdp.space.dim}D", "N": mdp.n_states, "M": mdp.n_actions,
             "L": "x".join(str(w) for w in np.atleast_1d(mdp.kernel.width)), "steps": steps,
             "status": result.status, "gap": result.rows[-1]["gap"], "loop": result.loop_time,
             "per_step": result.loop_time / max(steps, 1), "stages": stages}
+
+
+def exponents(rows: list[dict]) -> str:
+    """Fitted growth of the cost per step on the 1D/1D rows: ``ms/step ~ N^a`` at each fixed ``M``, ``~ M^b`` at
+    each fixed ``N`` (least squares in log-log), the joint fit ``c N^a M^b``, and the largest jump between
+    neighbouring sizes against the growth of the work ``N M L`` (the kernel products)."""
+    one = [r for r in rows if r["dims"] == "1D/1D"]
+    if len(one) < 3:
+        return ""
+    N, M = np.array([r["N"] for r in one], float), np.array([r["M"] for r in one], float)
+    L = np.array([float(r["L"]) for r in one])
+    cost = np.array([r["per_step"] for r in one])
+    lines = ["fitted exponents of ms/step (1D states and actions):"]
+    for m in sorted(set(M)):
+        sel = M == m
+        if sel.sum() >= 2:
+            lines.append(f"  M = {int(m):5d}: ~ N^{np.polyfit(np.log(N[sel]), np.log(cost[sel]), 1)[0]:.2f}")
+    for n in sorted(set(N)):
+        sel = N == n
+        if sel.sum() >= 2:
+            lines.append(f"  N = {int(n):5d}: ~ M^{np.polyfit(np.log(M[sel]), np.log(cost[sel]), 1)[0]:.2f}")
+    design = np.column_stack([np.ones_like(N), np.log(N), np.log(M)])
+    (_, a, b), *_ = np.linalg.lstsq(design, np.log(cost), rcond=None)
+    lines.append(f"  joint fit: ms/step ~ N^{a:.2f} M^{b:.2f} (work N M L ~ N^2 M on a fixed interval)")
+    worst = None
+    for m in sorted(set(M)):
+        idx = np.flatnonzero(M == m)[np.argsort(N[M == m])]
+        for i, j in zip(idx[:-1], idx[1:]):
+            excess = (cost[j] / cost[i]) / (N[j] * L[j] / (N[i] * L[i]))
+            if worst is None or excess > worst[0]:
+                worst = (excess, int(N[i]), int(N[j]), int(m))
+    if worst is not None:
+        lines.append(f"  largest step-cost jump over the growth of N M L: {worst[0]:.2f}x "
+                     f"(N {worst[1]} -> {worst[2]} at M = {worst[3]}; 1.0 = the cost grows like the work)")
+    return "\n".join(lines)
 
 
 def table(rows: list[dict]) -> str:
@@ -125,13 +162,17 @@ def plot(rows: list[dict], out: Path) -> None:
     x = np.array([r["N"] * r["M"] for r in rows], float)
     y = np.array([1e3 * r["per_step"] for r in rows])
     x0, y0 = x.min(), y[np.argmin(x)]
-    ref = np.geomspace(x.min(), x.max(), 10)
-    ax.loglog(ref, y0 * ref / x0, "k--", lw=0.8, label="slope 1")
-    ax.loglog(ref, y0 * (ref / x0) ** 2, "k:", lw=0.8, label="slope 2")
-    ax.set_ylim(0.5 * y.min(), 2 * y.max())
+    lo, hi = 0.5 * y.min(), 2 * y.max()
+    for slope, style in ((1, "k--"), (2, "k:")):
+        # guide lines through the smallest problem, cut where they leave the y range (they stay inside the axes)
+        x_end = min(x.max(), x0 * (hi / y0) ** (1 / slope))
+        ref = np.geomspace(x0, x_end, 10)
+        ax.loglog(ref, y0 * (ref / x0) ** slope, style, lw=0.8, label=f"slope {slope} (guide)")
+    ax.set_xlim(0.8 * x.min(), 1.25 * x.max())
+    ax.set_ylim(lo, hi)
     ax.set_xlabel("N M (states x action DOFs)")
     ax.set_ylabel("wall time per step (ms)")
-    ax.set_title("WPG step cost (lqr, dt = 0.05, gap to 1e-8)")
+    ax.set_title("wall time per WPG step against N M (lqr, dt = 0.05)")
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out, dpi=120)
@@ -145,7 +186,11 @@ def mpi_speedup(ranks=(1, 2)) -> str:
         return "MPI speed-up: skipped (mpirun not installed; Debian: openmpi-bin)"
     wpgflow = str(Path(sys.executable).parent / "wpgflow")
     env = os.environ | {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
-                        "OMPI_MCA_rmaps_base_oversubscribe": "1"}
+                        "OMPI_MCA_rmaps_base_oversubscribe": "1",
+                        "PRTE_MCA_rmaps_default_mapping_policy": ":oversubscribe"}  # Open MPI 5
+    # Open MPI 4's -q drops its banner; Open MPI 5 has no -q (it exits 213)
+    quiet = ["-q"] if subprocess.run([mpirun, "-q", "-n", "1", sys.executable, "-c", ""], env=env,
+                                     capture_output=True).returncode == 0 else []
     sets = [item for key in COMMON + MPI_SIZE for item in ("--set", key)]
     lines = [f"MPI over states, lqr_1d {' '.join(MPI_SIZE)} (dt 0.05, to gap 1e-8):",
              f"{'ranks':>5s} {'loop (s)':>9s} {'ms/step':>8s} {'steps':>6s} {'speed-up':>9s}"]
@@ -153,7 +198,7 @@ def mpi_speedup(ranks=(1, 2)) -> str:
     with tempfile.TemporaryDirectory() as tmp:
         for k in ranks:
             out = Path(tmp) / f"n{k}"
-            subprocess.run([mpirun, "-q", "-n", str(k), wpgflow, "run", str(CONFIG_1D), *sets, "--quiet", "--out",
+            subprocess.run([mpirun, *quiet, "-n", str(k), wpgflow, "run", str(CONFIG_1D), *sets, "--quiet", "--out",
                             str(out)], check=True, env=env, cwd=ROOT)
             s = json.loads((out / "summary.json").read_text())
             loop = s["wall_time_s"] - s["setup_time_s"]
@@ -183,6 +228,7 @@ def main(argv=None):
     for path, overrides in cases:
         rows.append(measure(path, overrides))
         print(table(rows[-1:]).splitlines()[-1], flush=True)
+    print("\n" + exponents(rows))
     plot(rows, args.plot)
     print(f"\nplot: {args.plot}")
     if not args.no_mpi:

@@ -1,4 +1,4 @@
-"""Soft policy evaluation and soft Bellman optimality on the discretised MDP (math.md §2).
+"""Soft policy evaluation and soft Bellman optimality on the discretised MDP (theory.md §2).
 
 Policies are densities w.r.t. Lebesgue measure at the action DOFs, ``p: (N, M)`` with
 ``sum_j w_j p_ij = 1``; their masses are ``m_ij = w_j p_ij``. Convention ``0 log 0 = 0``.
@@ -22,7 +22,9 @@ import scipy.linalg as sla
 import scipy.sparse as sp
 import scipy.sparse.linalg as spla
 
+from . import budget
 from .mdp import MDP
+from .parallel import single_threaded_blas
 
 
 @dataclass
@@ -42,13 +44,10 @@ class Evaluation:
     def resolvent_adjoint(self, rho: np.ndarray) -> np.ndarray:
         """``x = (I - gamma P^pi)^{-T} rho``, so that ``rho^T (I - gamma P^pi)^{-1} D = x . D``.
 
-        ``(1 - gamma) x`` is the discounted occupancy ``d^pi_rho`` (math.md §2).
+        ``(1 - gamma) x`` is the discounted occupancy ``d^pi_rho`` (theory.md §2).
         """
         return self.resolvent.solve(rho, trans="T")
 
-
-#: Temporaries of one chunk of :func:`kl_divergence` (about three per chunk).
-KL_CHUNK_BYTES = 16 * 2 ** 20
 
 #: Below this many states ``I - gamma P^pi`` is factorised densely (LAPACK beats SuperLU's overhead).
 DENSE_STATES = 1500
@@ -92,11 +91,21 @@ class Resolvent:
         self.method, self.gamma = method, gamma
         self._lu = self._P = None
         if method == "dense":
-            self._lu = sla.lu_factor(np.eye(n) - gamma * P.toarray(), check_finite=False)
+            with single_threaded_blas(n):  # small LUs: one BLAS thread is 10x faster (parallel.SMALL_BLAS_ROWS)
+                self._lu = sla.lu_factor(np.eye(n) - gamma * P.toarray(), check_finite=False)
         elif method == "sparse":
             self._lu = spla.splu(sp.identity(n, format="csc") - gamma * P.tocsc())
         else:
             self._P = P.tocsr()
+
+    @classmethod
+    def one_state(cls, p_stay: float, gamma: float) -> "Resolvent":
+        """The ``1 x 1`` resolvent ``1 / (1 - gamma P)`` of a one-state MDP (``P = sum_j m_j``, 1 to round-off),
+        without building a matrix (method "scalar"; the same numbers as a 1 x 1 LU)."""
+        self = cls.__new__(cls)
+        self.method, self.gamma, self._P = "scalar", gamma, None
+        self._lu = np.array([1.0 - gamma * p_stay])
+        return self
 
     def release(self) -> None:
         """Free the factorisation or ``P^pi`` (large for big state grids); :meth:`solve` then raises."""
@@ -109,18 +118,117 @@ class Resolvent:
     def solve(self, b: np.ndarray, trans: str = "N") -> np.ndarray:
         if self.released:
             raise RuntimeError("this Resolvent was released (a flow frees it when it takes the next step)")
+        if self.method == "scalar":
+            return np.asarray(b, dtype=float) / self._lu
         if self.method == "dense":
-            return sla.lu_solve(self._lu, b, trans=0 if trans == "N" else 1, check_finite=False)
+            with single_threaded_blas(self._lu[0].shape[0]):
+                return sla.lu_solve(self._lu, b, trans=0 if trans == "N" else 1, check_finite=False)
         if self.method == "sparse":
             return self._lu.solve(b, trans=trans)
         P = self._P if trans == "N" else self._P.T
         n, gamma = P.shape[0], self.gamma
         operator = spla.LinearOperator((n, n), matvec=lambda x: x - gamma * (P @ x), dtype=float)
-        x, info = spla.gmres(operator, b, x0=b / (1.0 - gamma), tol=KRYLOV_RTOL, atol=0.0,
+        x, info = spla.gmres(operator, b, x0=b / (1.0 - gamma), **_gmres_rtol(KRYLOV_RTOL), atol=0.0,
                              restart=50, maxiter=100)
         if info != 0:
             raise ConvergenceError(f"GMRES for (I - gamma P^pi) x = b did not reach rtol {KRYLOV_RTOL} ({info})")
         return x
+
+
+def _gmres_rtol(rtol: float) -> dict:
+    """GMRES's relative tolerance as a keyword: ``rtol`` from SciPy 1.12 on (``tol`` is gone in 1.14), else ``tol``."""
+    import inspect
+
+    return {"rtol" if "rtol" in inspect.signature(spla.gmres).parameters else "tol": rtol}
+
+
+class DistributedResolvent:
+    """``I - gamma P^pi`` distributed over the state partition (MPI): a PETSc MPIAIJ matrix of which each rank
+    holds its own rows, solved by restarted GMRES (PETSc KSP, no preconditioner, like the serial Krylov path) to
+    :data:`KRYLOV_RTOL` on the true residual, or by MUMPS (:attr:`DIRECT`). Nothing of ``P^pi`` is gathered; a
+    solve gathers its ``N`` values. Used by :func:`evaluate` under MPI where a serial run would take GMRES (2D state
+    grids above :data:`DENSE_STATES` states), which every rank otherwise repeats on the whole gathered ``P^pi``.
+
+    Solves are collective (every rank must call them), except the adjoint solve for ``rho``
+    (:meth:`Evaluation.resolvent_adjoint`, used by rank 0's observers too): it is done once, collectively, at
+    construction, and returned from then on by any rank alone.
+
+    Args:
+        P: this rank's rows of ``P^pi`` (``(rows, N)`` CSR).
+        gamma: discount.
+        partition: the :class:`solver.parallel.Partition` of the states.
+        rho: the initial-state distribution ``(N,)`` whose adjoint solve is kept.
+    """
+
+    method = "petsc"
+
+    #: MUMPS instead of GMRES. Measured on 41 x 41 states (2 ranks): MUMPS's factorisation of the 2D band
+    #: (~900 non-zeros per row) took 2.6x the replicated GMRES; unpreconditioned GMRES, like the serial path,
+    #: needs a few dozen products with the smoothing kernel and splits them over the ranks.
+    DIRECT = False
+
+    def __init__(self, P: sp.csr_matrix, gamma: float, partition, rho: np.ndarray):
+        from petsc4py import PETSc
+
+        self._PETSc, self.partition, self.gamma = PETSc, partition, gamma
+        n, rows = partition.n, partition.rows
+        local = rows.stop - rows.start
+        A = (sp.eye(local, n, k=rows.start, format="csr") - gamma * P).tocsr()
+        A.sort_indices()
+        index = PETSc.IntType
+        self._A = PETSc.Mat().createAIJ(size=((local, n), (local, n)), comm=partition.comm,
+                                        csr=(A.indptr.astype(index), A.indices.astype(index), A.data))
+        self._A.assemble()
+        ksp = PETSc.KSP().create(partition.comm)
+        ksp.setOperators(self._A)
+        pc = ksp.getPC()
+        if self.DIRECT and PETSc.Sys.hasExternalPackage("mumps"):
+            ksp.setType("preonly")
+            pc.setType("lu")
+            pc.setFactorSolverType("mumps")
+        else:  # as the serial Krylov path: restarted GMRES, no preconditioner, on the true residual
+            ksp.setType("gmres")
+            ksp.setGMRESRestart(50)
+            pc.setType("none")
+            ksp.setNormType(PETSc.KSP.NormType.UNPRECONDITIONED)
+            ksp.setTolerances(rtol=KRYLOV_RTOL, atol=0.0, max_it=5000)
+        ksp.setUp()
+        self._ksp = ksp
+        self._rho = np.array(rho, dtype=float)
+        self._adjoint = self.partition.gather(self.solve_local(self._rho[partition.rows], "T"))
+
+    def release(self) -> None:
+        if self._ksp is not None:
+            self._ksp.destroy()
+            self._A.destroy()
+        self._ksp = self._A = None
+
+    @property
+    def released(self) -> bool:
+        return self._ksp is None
+
+    def solve_local(self, b_local: np.ndarray, trans: str = "N") -> np.ndarray:
+        """This rank's rows of the solution for this rank's rows ``b_local`` of the right-hand side."""
+        if self.released:
+            raise RuntimeError("this Resolvent was released (a flow frees it when it takes the next step)")
+        b = self._A.createVecRight()
+        b.setArray(np.ascontiguousarray(b_local, dtype=float))
+        x = self._A.createVecLeft()
+        (self._ksp.solve if trans == "N" else self._ksp.solveTranspose)(b, x)
+        if self._ksp.getConvergedReason() < 0:
+            raise ConvergenceError(f"PETSc KSP for (I - gamma P^pi) x = b failed ({self._ksp.getConvergedReason()})")
+        out = x.getArray().copy()
+        b.destroy()
+        x.destroy()
+        return out
+
+    def solve(self, b: np.ndarray, trans: str = "N") -> np.ndarray:
+        """``x`` for the full right-hand side ``b`` ``(N,)``, on every rank (collective but for ``rho``, "T")."""
+        if trans != "N" and np.array_equal(b, self._rho):
+            if self.released:
+                raise RuntimeError("this Resolvent was released (a flow frees it when it takes the next step)")
+            return self._adjoint.copy()
+        return self.partition.gather(self.solve_local(np.asarray(b)[self.partition.rows], trans))
 
 
 def _bandwidth(P: sp.csr_matrix) -> int:
@@ -138,17 +246,31 @@ def evaluate(mdp: MDP, p: np.ndarray, partition=None) -> Evaluation:
     """Soft policy evaluation: ``V^pi`` from ``(I - gamma P^pi) V = r^pi`` and ``Q^pi = R + gamma T V^pi``.
 
     With a :class:`solver.parallel.Partition` (MPI over states) each rank computes ``r^pi``, ``P^pi`` and
-    ``Q`` on its own rows and gathers them; the LU and the solve for ``V`` are replicated on every rank.
+    ``Q`` on its own rows and gathers them; the LU and the solve for ``V`` are replicated on every rank, except
+    on 2D state grids above :data:`DENSE_STATES` states (GMRES when serial), where ``I - gamma P^pi`` is solved
+    distributed (:class:`DistributedResolvent`, PETSc) and only ``V`` is gathered.
+    One state (serial): ``P^pi = sum_j m_j`` and ``V = r^pi / (1 - gamma P^pi)`` without building a matrix
+    (:meth:`Resolvent.one_state`; the same numbers as the ``1 x 1`` LU, tests/test_fast_paths.py).
     """
     rows = slice(None) if partition is None else partition.rows
     local = p[rows]
     masses = local * mdp.weights
     r_pi = np.einsum("ij,ij->i", masses, mdp.reward[rows]) - mdp.tau * kl_divergence(mdp, local, mdp.log_mu)
+    if partition is None and mdp.n_states == 1:  # P^pi = sum_j m_j T_j11 = sum_j m_j (the one state's kernel is 1)
+        resolvent = Resolvent.one_state(float(masses.sum()), mdp.gamma)
+        V = resolvent.solve(r_pi)
+        return Evaluation(V=V, Q=q_values(mdp, V), resolvent=resolvent)
     if partition is None:
         resolvent = Resolvent(mdp.kernel.policy_matrix(masses), mdp.gamma)
         V = resolvent.solve(r_pi)
         return Evaluation(V=V, Q=q_values(mdp, V), resolvent=resolvent)
-    resolvent = Resolvent(partition.gather_csr(mdp.kernel.policy_matrix(masses, rows)), mdp.gamma)
+    block = mdp.kernel.policy_matrix(masses, rows)
+    if mdp.states.ndim == 2 and mdp.n_states > DENSE_STATES:  # serially GMRES: distributed instead of replicated
+        resolvent = DistributedResolvent(block, mdp.gamma, partition, mdp.rho)
+        V = partition.gather(resolvent.solve_local(r_pi))
+        Q = partition.gather(mdp.reward[rows] + mdp.gamma * mdp.kernel.expect(V, rows))
+        return Evaluation(V=V, Q=Q, resolvent=resolvent)
+    resolvent = Resolvent(partition.gather_csr(block), mdp.gamma)
     V = resolvent.solve(partition.gather(r_pi))
     Q = partition.gather(mdp.reward[rows] + mdp.gamma * mdp.kernel.expect(V, rows))
     return Evaluation(V=V, Q=Q, resolvent=resolvent)
@@ -192,11 +314,11 @@ def kl_divergence(mdp: MDP, p: np.ndarray, log_q: np.ndarray) -> np.ndarray:
     """``KL_i(p || q) = sum_j w_j p_ij log(p_ij / q_ij)`` per state, ``0 log 0 = 0``.
 
     ``log_q`` is ``(N, M)`` or ``(M,)`` (the same for every state). Computed in chunks of states whose
-    temporaries stay below :data:`KL_CHUNK_BYTES`.
+    temporaries stay below :data:`solver.budget.KL_CHUNK_BYTES`.
     """
     n, m = p.shape
     out = np.empty(n)
-    size = max(1, KL_CHUNK_BYTES // (8 * m))
+    size = max(1, budget.KL_CHUNK_BYTES // (8 * m))
     for start in range(0, n, size):
         rows = slice(start, start + size)
         pc = p[rows]
@@ -231,7 +353,7 @@ class ConvergenceError(RuntimeError):
 
 def soft_policy_iteration(mdp: MDP, p0: np.ndarray | None = None, tol: float = 1e-12,
                           max_iter: int = 200) -> Optimum:
-    """Soft policy iteration ``p_{k+1} = G^{pi_k}`` (math.md §2), from ``p0`` (default: uniform).
+    """Soft policy iteration ``p_{k+1} = G^{pi_k}`` (theory.md §2), from ``p0`` (default: uniform).
 
     Stops when ``||V_{k+1} - V_k||_inf <= tol * max(1, ||V_k||_inf)``. Monotone: ``V_{k+1} >= V_k``.
     ``residual`` is ``||T V* - V*||_inf``.

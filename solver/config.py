@@ -8,10 +8,10 @@ Schema (every key optional unless marked *required*; defaults in :data:`SCHEMA`)
               ordered row-major over (nx, ny); the model must have state_dim = 2)
     [actions] domain, lower, upper, cells, resolution, radius, scale, center,
               reference = "lebesgue" | "gaussian", reference_std
-    [flow]    kind = "wasserstein" | "fisher_rao" | "policy_iteration" | "particles", scheme = "sg" | "sqra",
+    [flow]    kind (a key of solver.flows.KINDS, e.g. "wasserstein"), scheme = "sg" | "sqra",
               dt, t_end, adaptive, adapt_tol, dt_max, gap_tol, init = "uniform" | "gaussian", init_mean,
               init_std, particles, seed
-    [output]  snapshots
+    [output]  snapshots, animation
     [sweep]   param*, values*, kinds          (read by ``wpgflow sweep`` only; ``wpgflow run`` ignores it)
 
 The action domain ``[actions] domain`` (default "interval") decides which other keys of ``[actions]`` apply
@@ -59,8 +59,19 @@ class Key:
 REQUIRED = object()
 
 
+#: Largest magnitude of a coordinate or a length scale (grid bounds, centres, standard deviations, radii):
+#: beyond it squares overflow and grid steps lose every digit.
+MAX_MAGNITUDE = 1e12
+
+
 def _finite(x):
-    return None if math.isfinite(x) else "must be a finite number"
+    return None if math.isfinite(x) and abs(x) <= MAX_MAGNITUDE else \
+        f"must be a finite number of magnitude at most {MAX_MAGNITUDE:g}"
+
+
+def _scale(x):
+    ok = math.isfinite(x) and 1 / MAX_MAGNITUDE <= x <= MAX_MAGNITUDE
+    return None if ok else f"must be a finite number > 0, in [{1 / MAX_MAGNITUDE:g}, {MAX_MAGNITUDE:g}]"
 
 
 def _positive(x):
@@ -81,11 +92,34 @@ def _one_of(*allowed):
     return check
 
 
+#: Largest discount: soft policy iteration and the exact evaluation solve ``I - gamma P^pi``, whose condition
+#: number is ``~1 / (1 - gamma)``; above ``1 - 1e-5`` soft policy iteration stops converging to 1e-12 in double
+#: precision (measured: 0.99999 converges on lqr_1d, 0.9999999 does not).
+MAX_GAMMA = 0.99999
+
+#: Smallest temperature: ``Q / tau`` must stay far from the overflow of ``exp`` (``tau = 1e-6`` already breaks the
+#: generator-gap eigen-solve on lqr_1d; the run checks ``Q* / tau`` on the mesh itself, solver.runner.preflight).
+MIN_TAU = 1e-8
+
+#: Largest ``output.snapshots``: each snapshot keeps ``N`` values (and policies within a budget); 1e9 would
+#: allocate gigabytes for the schedule alone.
+MAX_SNAPSHOTS = 10000
+
+
 def _discount(x):
-    return None if 0 <= x < 1 else "must be in [0, 1)"
+    return None if 0 <= x <= MAX_GAMMA else f"must be in [0, 1), at most {MAX_GAMMA} (1 - gamma >= 1e-5)"
 
 
-def _dotted_key(x):
+def _temperature(x):
+    return None if math.isfinite(x) and x >= MIN_TAU else f"must be a finite number > 0, at least {MIN_TAU:g}"
+
+
+def _snapshots(x):
+    return None if 2 <= x <= MAX_SNAPSHOTS else f"must be an integer in [2, {MAX_SNAPSHOTS}]"
+
+
+def dotted_key_problem(x):
+    """Why ``x`` is not a dotted config key such as ``"mdp.tau"`` (None if it is one)."""
     parts = x.split(".")
     ok = len(parts) >= 2 and all(part.isidentifier() for part in parts) and parts[0] != "sweep"
     return None if ok else "must be a dotted config key such as 'mdp.tau'"
@@ -99,15 +133,13 @@ def _numbers(x):
 
 
 def _kinds(x):
-    ok = bool(x) and all(k in FLOW_KINDS for k in x) and len(set(x)) == len(x)
-    return None if ok else f"must be a non-empty list of distinct flow kinds from {', '.join(map(repr, FLOW_KINDS))}"
+    ok = bool(x) and all(isinstance(k, str) for k in x) and len(set(x)) == len(x)
+    return None if ok else "must be a non-empty list of distinct flow kinds (strings)"
 
 
-#: ``flow.kind``: the WPG flow (:mod:`solver.flows`), the Fisher-Rao flow and soft policy iteration
-#: (:mod:`solver.comparison`; policy iteration takes one iteration per unit time and ignores ``dt``), and
-#: reflected Langevin particles (:mod:`solver.particles`; ``particles`` per state, random ``seed``, 1D actions).
-#: Only "wasserstein" has an adaptive time step.
-FLOW_KINDS = ("wasserstein", "fisher_rao", "policy_iteration", "particles")
+def _kind(x):
+    return None if x else "must be a flow kind (a non-empty string)"
+
 
 #: ``actions.domain``: built-in domains (besides a path to an ``.xdmf`` mesh); the shapes among them shipped as
 #: mesh files ``meshes/<shape>_<resolution>.xdmf``, and their resolutions.
@@ -125,11 +157,12 @@ def _domain(x):
         return None
     return f"must be one of {', '.join(map(repr, ACTION_DOMAINS))} or a path to an .xdmf mesh"
 
+
 SCHEMA: dict[str, dict[str, Key]] = {
     "mdp": {
         "model": Key(str, REQUIRED),
         "gamma": Key(float, REQUIRED, _discount),
-        "tau": Key(float, REQUIRED, _positive),
+        "tau": Key(float, REQUIRED, _temperature),
         "params": Key(dict, {}),
     },
     "states": {  # a number each (1D grid) or 2-lists [x, y] each (2D grid): checked by _check_states
@@ -143,15 +176,18 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "upper": Key(object, None),
         "cells": Key(object, None),
         "resolution": Key(str, None, _one_of(*MESH_RESOLUTIONS)),
-        "radius": Key(float, None, _positive),
-        "scale": Key(float, None, _positive),
+        "radius": Key(float, None, _scale),
+        "scale": Key(float, None, _scale),
         "center": Key(object, None),
         "reference": Key(str, "lebesgue", _one_of("lebesgue", "gaussian")),
-        "reference_std": Key(float, 1.0, _positive),
+        "reference_std": Key(float, 1.0, _scale),
     },
     "flow": {
-        "kind": Key(str, "wasserstein", _one_of(*FLOW_KINDS)),
+        # the kinds are those of solver.flows.KINDS, checked where the flow is made (solver.runner.build): this
+        # module is the bottom layer and knows no flow
+        "kind": Key(str, "wasserstein", _kind),
         "scheme": Key(str, "sg", _one_of("sg", "sqra")),
+        "integrator": Key(str, "implicit", _one_of("implicit", "exponential")),  # solver/flows/wasserstein.py
         "dt": Key(float, 0.01, _positive),
         "t_end": Key(float, 10.0, _positive),
         "adaptive": Key(bool, False),
@@ -160,15 +196,20 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "gap_tol": Key(float, 1e-10, lambda x: None if x >= 0 else "must be >= 0"),
         "init": Key(str, "uniform", _one_of("uniform", "gaussian")),
         "init_mean": Key(float, 0.0, _finite),
-        "init_std": Key(float, 1.0, _positive),
+        "init_std": Key(float, 1.0, _scale),
         "particles": Key(int, 1000, _at_least_one),
         "seed": Key(int, 0, lambda x: None if x >= 0 else "must be an integer >= 0"),
+        "entropy": Key(bool, True),  # solver/flows/gaussian_wpo.py
+        "covariance": Key(str, "full", _one_of("full", "diagonal")),  # solver/flows/gaussian_wpo.py
     },
     "output": {
-        "snapshots": Key(int, 20, _at_least_two),
+        "snapshots": Key(int, 20, _snapshots),
+        # steps between two checkpoints (checkpoint.npz, for ``wpgflow run --resume``); 0 = none
+        "checkpoint_every": Key(int, 100, lambda x: None if x >= 0 else "must be an integer >= 0 (0: no checkpoints)"),
+        "animation": Key(bool, False),  # density.gif at the end of the run (solver/animate.py)
     },
     "sweep": {
-        "param": Key(str, REQUIRED, _dotted_key),
+        "param": Key(str, REQUIRED, dotted_key_problem),
         "values": Key(list, REQUIRED, _numbers),
         "kinds": Key(list, (), lambda x: None if not x else _kinds(x)),
     },
@@ -223,11 +264,16 @@ class FlowConfig:
     init_std: float
     particles: int = 1000
     seed: int = 0
+    integrator: str = "implicit"
+    entropy: bool = True
+    covariance: str = "full"
 
 
 @dataclass(frozen=True)
 class OutputConfig:
     snapshots: int
+    animation: bool = False
+    checkpoint_every: int = 100
 
 
 @dataclass(frozen=True)
@@ -271,10 +317,10 @@ def load(path: str | Path, overrides: list[str] = ()) -> Config:
         raw = tomllib.loads(path.read_text())
     except FileNotFoundError:
         raise ConfigError(f"{path}: config file not found") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path}: cannot read config file ({exc.__class__.__name__})") from None
-    except tomllib.TOMLDecodeError as exc:
+    except tomllib.TOMLDecodeError as exc:  # before ValueError: it is one
         raise ConfigError(f"{path}: not valid TOML ({exc})") from None
+    except (OSError, UnicodeDecodeError, ValueError) as exc:  # ValueError: a NUL byte in the path
+        raise ConfigError(f"{path}: cannot read config file ({exc.__class__.__name__})") from None
     for item in overrides:
         apply_override(raw, item)
     return from_dict(raw)
@@ -307,7 +353,8 @@ def from_dict(raw: dict) -> Config:
     """Validate a raw (parsed TOML) dict against :data:`SCHEMA`."""
     unknown = sorted(set(raw) - set(SCHEMA))
     if unknown:
-        raise ConfigError(f"{unknown[0]}: unknown section (allowed: {', '.join(SCHEMA)})")
+        raise ConfigError(f"{unknown[0]}: unknown section (allowed: {', '.join(SCHEMA)})"
+                          f"{did_you_mean(unknown[0], SCHEMA)}")
     sections = {}
     for name, keys in SCHEMA.items():
         table = raw.get(name)
@@ -325,8 +372,6 @@ def from_dict(raw: dict) -> Config:
     flow = sections["flow"]
     if flow.dt > flow.t_end:
         raise ConfigError(f"flow.dt: must be <= flow.t_end ({flow.t_end})")
-    if flow.adaptive and flow.kind != "wasserstein":
-        raise ConfigError(f"flow.adaptive: only flow.kind = 'wasserstein' has an adaptive step (got {flow.kind!r})")
     return Config(**sections)
 
 
@@ -353,8 +398,9 @@ def _check_actions(a: ActionsConfig) -> ActionsConfig:
                                     ("cells", cells, _at_least_two(cells))):
             if problem:
                 raise ConfigError(f"actions.{key}: {problem} (got {value!r})")
-        if not lower < upper:
-            raise ConfigError(f"actions.lower: must be < actions.upper (got {lower} >= {upper})")
+        if not upper - lower >= 1e-9 * max(1.0, abs(lower), abs(upper)):
+            raise ConfigError(f"actions.lower: must be < actions.upper, by at least 1e-9 of their magnitude "
+                              f"(got {lower}, {upper})")
         return replace(a, lower=lower, upper=upper, cells=cells)
     if kind == "rectangle":
         lower, upper = (_vector(f"actions.{k}", getattr(a, k)) for k in ("lower", "upper"))
@@ -383,8 +429,9 @@ def _check_states(st: StatesConfig) -> StatesConfig:
                                     ("n", n, _at_least_one(n))):
             if problem:
                 raise ConfigError(f"states.{key}: {problem} (got {value!r})")
-        if not lower < upper:
-            raise ConfigError(f"states.lower: must be < states.upper (got {lower} >= {upper})")
+        if not upper - lower >= 1e-9 * max(1.0, abs(lower), abs(upper)):
+            raise ConfigError(f"states.lower: must be < states.upper, by at least 1e-9 of their magnitude "
+                              f"(got {lower}, {upper})")
         return replace(st, lower=lower, upper=upper, n=n)
     if not all(two_d):
         key = ("lower", "upper", "n")[two_d.index(False)]
@@ -402,16 +449,94 @@ def _check_states(st: StatesConfig) -> StatesConfig:
 def _vector(full: str, value: Any) -> list[float]:
     """A 2-vector ``[x, y]`` of finite numbers."""
     ok = isinstance(value, (list, tuple)) and len(value) == 2 and all(
-        isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value)
+        isinstance(v, (int, float)) and not isinstance(v, bool) and _finite(v) is None for v in value)
     if not ok:
-        raise ConfigError(f"{full}: must be a list [x, y] of two finite numbers (got {value!r})")
+        raise ConfigError(f"{full}: must be a list [x, y] of two finite numbers of magnitude at most "
+                          f"{MAX_MAGNITUDE:g} (got {value!r})")
     return [float(v) for v in value]
+
+
+def inspect_xdmf(path: str | Path, key: str = "actions.domain") -> tuple[int, int]:
+    """Check an XDMF action mesh before DOLFINx reads it; return ``(vertices, cells)``.
+
+    DOLFINx trusts the file: an out-of-range vertex index in the topology makes its reader hang or crash. This
+    reads the XML of the grid named ``mesh`` (else the first grid with a topology and a geometry) and, for data
+    inline as XML, checks that the topology holds ``NumberOfElements x NodesPerElement`` integers in
+    ``[0, vertices)`` and the geometry ``vertices x dim`` finite numbers. Data in an HDF5 file (``Format="HDF"``)
+    is checked by its declared dimensions only.
+
+    Raises:
+        ConfigError: naming ``key`` and the file.
+    """
+    import xml.etree.ElementTree as ET
+
+    import numpy as np
+
+    path = Path(path)
+    where = f"{key}: mesh {path}"
+    if not path.is_file():
+        raise ConfigError(f"{key}: mesh file {path} not found (a built-in domain name or a path to an .xdmf mesh)")
+    try:
+        root = ET.parse(path).getroot()
+    except (ET.ParseError, OSError, UnicodeDecodeError, ValueError) as exc:
+        raise ConfigError(f"{where} is not a valid XDMF file ({' '.join(str(exc).split())})") from None
+    grids = [g for g in root.iter("Grid") if g.find("Topology") is not None and g.find("Geometry") is not None]
+    grids.sort(key=lambda g: g.get("Name") != "mesh")
+    if not grids:
+        raise ConfigError(f"{where} has no grid with a Topology and a Geometry (an XDMF triangle mesh is needed)")
+    topology, geometry = grids[0].find("Topology"), grids[0].find("Geometry")
+    items = topology.find("DataItem"), geometry.find("DataItem")
+    if items[0] is None or items[1] is None:
+        raise ConfigError(f"{where}: its Topology and Geometry need a DataItem each")
+
+    def dimensions(item, what: str) -> list[int]:
+        try:
+            dims = [int(v) for v in (item.get("Dimensions") or "").split()]
+        except ValueError:
+            dims = []
+        if len(dims) != 2 or min(dims) < 1:
+            raise ConfigError(f"{where}: the {what} DataItem needs Dimensions=\"rows columns\" (got "
+                              f"{item.get('Dimensions')!r})")
+        return dims
+
+    (cells, per_cell), (vertices, dim) = dimensions(items[0], "Topology"), dimensions(items[1], "Geometry")
+    if items[0].get("Format", "XML").upper() == "XML":
+        text = (items[0].text or "").split()
+        try:
+            index = np.array([int(v) for v in text], dtype=np.int64)
+        except ValueError:
+            raise ConfigError(f"{where}: the topology must hold integer vertex indices") from None
+        if index.size != cells * per_cell:
+            raise ConfigError(f"{where}: the topology holds {index.size} indices, its Dimensions say "
+                              f"{cells} x {per_cell}")
+        if index.size and (index.min() < 0 or index.max() >= vertices):
+            raise ConfigError(f"{where}: a cell refers to vertex {int(index.min() if index.min() < 0 else index.max())}"
+                              f", outside 0..{vertices - 1} (the geometry has {vertices} vertices)")
+    if items[1].get("Format", "XML").upper() == "XML":
+        try:
+            xy = np.array([float(v) for v in (items[1].text or "").split()])
+        except ValueError:
+            raise ConfigError(f"{where}: the geometry must hold numbers") from None
+        if xy.size != vertices * dim or not np.all(np.isfinite(xy)):
+            raise ConfigError(f"{where}: the geometry must hold {vertices} x {dim} finite numbers "
+                              f"(got {xy.size} values)")
+    return vertices, cells
+
+
+def flow_config(**options) -> FlowConfig:
+    """A validated ``[flow]`` table from keyword options, defaults for the rest (for notebooks and tests).
+
+    >>> flow_config(dt=0.1).dt
+    0.1
+    """
+    return _section("flow", SCHEMA["flow"], options)
 
 
 def _section(name: str, keys: dict[str, Key], table: dict):
     unknown = sorted(set(table) - set(keys))
     if unknown:
-        raise ConfigError(f"{name}.{unknown[0]}: unknown key (allowed: {', '.join(keys)})")
+        raise ConfigError(f"{name}.{unknown[0]}: unknown key (allowed: {', '.join(keys)})"
+                          f"{did_you_mean(unknown[0], keys)}")
     values = {}
     for key, spec in keys.items():
         full = f"{name}.{key}"
@@ -425,6 +550,18 @@ def _section(name: str, keys: dict[str, Key], table: dict):
             raise ConfigError(f"{full}: {problem} (got {value!r})")
         values[key] = value
     return _SECTIONS[name](**values)
+
+
+def did_you_mean(word: str, allowed) -> str:
+    """``"; did you mean 'x'?"`` for the closest allowed name (:func:`difflib.get_close_matches`), else ``""``.
+
+    >>> did_you_mean("gama", ["model", "gamma", "tau"])
+    "; did you mean 'gamma'?"
+    """
+    import difflib
+
+    close = difflib.get_close_matches(str(word), [str(a) for a in allowed], n=1)
+    return f"; did you mean {close[0]!r}?" if close else ""
 
 
 def _coerce(full: str, value: Any, kind: type) -> Any:

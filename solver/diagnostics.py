@@ -1,18 +1,21 @@
-"""Diagnostics of a flow: energy, gap, dissipation, KL to Gibbs, conservation, rates (math.md §4, §5.3, §8.6).
+"""Diagnostics of a flow: energy, gap, dissipation, KL to Gibbs, conservation, rates (theory.md §4, §5.3, §8.6).
 
 * ``J = rho^T V^pi`` (mean over states), ``gap = J* - J``.
 * ``dissipation``: the predicted ``dJ/dt = rho^T (I - gamma P^pi)^{-1} D`` (one adjoint solve with the LU
-  of the policy evaluation), with the statewise ``D`` of the flow kind: ``D^h`` of the discrete Wasserstein
-  generator (math.md §4), ``sum_j w_j p A^2`` for Fisher-Rao (math.md §6); NaN for ``policy_iteration`` (no
-  time derivative) and ``particles`` (the Fisher information of a particle histogram is dominated by sampling
-  noise). The plain ``rho . D`` is only a lower bound (math.md §4, pitfall).
+  of the policy evaluation), with the statewise ``D`` the flow kind gives (:meth:`solver.flows.base.Flow.dissipation`:
+  ``D^h`` of the discrete Wasserstein generator, theory.md §4; ``sum_j w_j p A^2`` for Fisher-Rao, theory.md §6); NaN
+  for a kind without one (soft policy iteration has no time derivative; the Fisher information of a particle
+  histogram is dominated by sampling noise). The plain ``rho . D`` is only a lower bound (theory.md §4, pitfall).
 * ``dissipation_ratio``: the measured ``(J_{n+1} - J_n) / dt_{n+1}`` over the previous row's ``dissipation``
   (the prediction at ``t_n``); it tends to 1 at first order in ``dt``. NaN on row 0.
 * ``kl_gibbs_max = max_s KL(pi_s || G^pi_s)``; ``tau`` times it is the Bellman residual ``T V^pi - V^pi``.
 * ``mass_error = max_s |sum_j w_j p_sj - 1|``, ``min_density = min p``.
-* :func:`fit_rate`: least-squares slope of ``log gap`` against ``t`` on the window ``[1e-10, 1e-5]``.
+* :func:`fit_rate`: least-squares slope of ``log gap`` against ``t`` on the window ``[1e-10, 1e-5]``, with its
+  status: ``asymptotic`` when the local rate (:func:`local_rates`, one per decade of the gap, measured on the
+  ``dissipation`` column where it exists) varies by less than 1% over the window, else ``transient``.
 * :func:`generator_gaps`: the smallest non-zero eigenvalue ``ell_s`` of ``-L_s`` per state; the asymptotic
-  rate of implicit Euler is ``2 log(1 + dt ell_min) / dt`` (math.md §5.3(e)).
+  rate of implicit Euler is ``2 log(1 + dt ell_min) / dt`` (theory.md §5.3(e),
+  :func:`solver.flows.wasserstein.implicit_euler_rate`).
 """
 
 from __future__ import annotations
@@ -25,73 +28,61 @@ import scipy.linalg as sla
 import scipy.sparse as sp
 import scipy.sparse.linalg as spla
 
-from . import bellman, comparison, flows
+from . import bellman, budget
+from .flows.base import Flow, FlowState, potential
+from .flows.fokker_planck import edge_rates, incidence
 from .mdp import MDP
 
 HISTORY_COLUMNS = ("t", "dt", "J", "gap", "dissipation", "kl_gibbs_max", "mass_error", "min_density",
                    "dissipation_ratio")
 
-#: Fit window for the linear rate (math.md §8.6): above 1e-10 the gap is far from the round-off floor
+#: Fit window for the linear rate (theory.md §8.6): above 1e-10 the gap is far from the round-off floor
 #: (~1e-13 |J|), below 1e-5 the flow is in its linear regime.
 RATE_WINDOW = (1e-10, 1e-5)
 
 
-def record(mdp: MDP, state: flows.FlowState, J_star: float, scheme: str = "sg", previous: dict | None = None,
-           kind: str = "wasserstein", partition=None) -> dict[str, float]:
+def record(flow: Flow, state: FlowState, J_star: float, previous: dict | None = None) -> dict[str, float]:
     """The history row of one flow state (keys :data:`HISTORY_COLUMNS`).
 
     Args:
+        flow: the flow that produced ``state`` (it gives the statewise dissipation; its partition splits the KL
+            over MPI ranks, so the row is the same on every rank).
         previous: the row of the previous flow state (its ``J`` and ``dissipation`` are used), or None for
             the first row.
-        kind: the flow kind (``config.FLOW_KINDS``); selects the statewise dissipation.
-        partition: a :class:`solver.parallel.Partition` (MPI over states): the statewise ``D^h`` and KL are
-            computed on this rank's rows and gathered / reduced; the row is the same on every rank.
     """
+    mdp, partition = flow.mdp, flow.partition
     ev, p = state.evaluation, state.p
-    rows = slice(None) if partition is None else partition.rows
+    rows = partition.rows
     J = float(mdp.rho @ ev.V)
     # KL(pi_s || G^pi_s) in chunks of states: the (N, M) log-Gibbs table and its temporaries are never whole
-    kl = flows.by_state_chunks(mdp.space, lambda pc, qc: bellman.kl_divergence(mdp, pc, bellman.log_gibbs(mdp, qc)[0]),
-                               p[rows], ev.Q[rows])
-    kl_max = float(np.max(kl))
+    kl = budget.by_state_chunks(mdp.space, lambda pc, qc: bellman.kl_divergence(mdp, pc, bellman.log_gibbs(mdp, qc)[0]),
+                                p[rows], ev.Q[rows])
     return {
         "t": state.t,
         "dt": state.dt,
         "J": J,
         "gap": J_star - J,
-        "dissipation": predicted_dissipation(mdp, state, scheme, kind, partition),
-        "kl_gibbs_max": kl_max if partition is None else partition.max(kl_max),
+        "dissipation": predicted_dissipation(flow, state),
+        "kl_gibbs_max": partition.max(float(np.max(kl))),
         "mass_error": float(np.max(np.abs(p @ mdp.weights - 1.0))),
         "min_density": float(np.min(p)),
         "dissipation_ratio": dissipation_ratio(J, state.dt, previous),
     }
 
 
-def predicted_dissipation(mdp: MDP, state: flows.FlowState, scheme: str = "sg", kind: str = "wasserstein",
-                          partition=None) -> float:
-    """Predicted ``dJ/dt = rho^T (I - gamma P^pi)^{-1} D`` of the flow ``kind`` at ``state`` (NaN if none).
-
-    ``D`` is :func:`solver.flows.dissipation` (Wasserstein, math.md §4; on this rank's rows and gathered
-    with a ``partition``) or :func:`solver.comparison.fisher_rao_dissipation` (math.md §6).
-    """
-    if kind == "wasserstein" and partition is not None:
-        rows = partition.rows
-        D = partition.gather(flows.dissipation(mdp, state.p[rows], state.g[rows], scheme))
-    elif kind == "wasserstein":
-        D = flows.dissipation(mdp, state.p, state.g, scheme)
-    elif kind == "fisher_rao":
-        D = comparison.fisher_rao_dissipation(mdp, state.p, state.evaluation)
-    elif kind in ("policy_iteration", "particles"):
+def predicted_dissipation(flow: Flow, state: FlowState) -> float:
+    """Predicted ``dJ/dt = rho^T (I - gamma P^pi)^{-1} D`` at ``state``, ``D`` the flow's statewise dissipation
+    (:meth:`solver.flows.base.Flow.dissipation`); NaN for a flow without one."""
+    D = flow.dissipation(state)
+    if D is None:
         return math.nan
-    else:
-        raise ValueError(f"unknown flow kind {kind!r}")
-    return float(state.evaluation.resolvent_adjoint(mdp.rho) @ D)
+    return float(state.evaluation.resolvent_adjoint(flow.mdp.rho) @ D)
 
 
 def dissipation_ratio(J: float, dt: float, previous: dict | None) -> float:
     """``((J - J_prev) / dt) / dissipation_prev``: measured over predicted ``dJ/dt`` at the previous state.
 
-    For a first-order scheme it is ``1 + O(dt)`` (math.md §4). NaN without a previous row, for a zero step,
+    For a first-order scheme it is ``1 + O(dt)`` (theory.md §4). NaN without a previous row, for a zero step,
     or when the prediction is zero or NaN.
     """
     if previous is None or not dt > 0:
@@ -104,7 +95,19 @@ def dissipation_ratio(J: float, dt: float, previous: dict | None) -> float:
 
 @dataclass(frozen=True)
 class RateFit:
-    """``log gap ~ intercept - rate * t`` on the points with ``gap`` in ``window``."""
+    """``log gap ~ intercept - rate * t`` on the points with ``gap`` in ``window``, and whether it is asymptotic.
+
+    Attributes:
+        rate, intercept, r2: the least-squares line and its coefficient of determination.
+        window: the gap range of the fitted points (the last three decades above the final gap for a run that
+            never entered the requested window).
+        t_range, points: first and last fitted time, number of fitted points.
+        status: ``"asymptotic"`` when the local rate varies by less than :data:`RATE_SETTLED` (relative)
+            over ``window``, else ``"transient"`` (the rate is then not the asymptotic one; theory.md §5.3(e)).
+        local_last: the local rate of the last sub-window (the latest decade of the gap with 3 points or more).
+        local_spread: ``(max - min) / mean`` of the sub-window rates over the fitted window (inf with fewer than two).
+        local_rates: ``((gap_hi, gap_lo, rate), ...)`` of every sub-window with data, latest last.
+    """
 
     rate: float
     intercept: float
@@ -112,18 +115,88 @@ class RateFit:
     window: tuple[float, float]
     t_range: tuple[float, float]
     points: int
+    status: str = "asymptotic"
+    local_last: float | None = None
+    local_spread: float = math.inf
+    local_rates: tuple = ()
 
 
-def fit_rate(t: np.ndarray, gap: np.ndarray, window: tuple[float, float] = RATE_WINDOW) -> RateFit | None:
-    """Fit a linear rate to ``gap(t)``.
+#: The rate is asymptotic when the sub-window rates vary by less than this (relative) over the fit window.
+RATE_SETTLED = 0.01
 
-    Uses the points with ``window[0] <= gap <= window[1]``. If fewer than three points fall there (a run
-    that stopped early or that cannot get below 1e-10), the last three decades above the final gap are used
-    instead, and the returned ``window`` says so. Returns None if no three positive gaps exist.
+#: Width of a sub-window of :func:`local_rates`, in decades of the gap.
+RATE_SUBWINDOW_DECADES = 1.0
+
+
+def _line(tt: np.ndarray, y: np.ndarray) -> tuple[float, float, float]:
+    """Least-squares ``y ~ intercept + slope t``: ``(slope, intercept, r2)``."""
+    slope, intercept = np.polyfit(tt, y, 1)
+    residual = y - (slope * tt + intercept)
+    total = np.sum((y - y.mean()) ** 2)
+    return float(slope), float(intercept), float(1.0 - np.sum(residual ** 2) / total if total > 0 else 1.0)
+
+
+def local_rates(t: np.ndarray, gap: np.ndarray, window: tuple[float, float],
+                decades: float = RATE_SUBWINDOW_DECADES, values: np.ndarray | None = None
+                ) -> list[tuple[float, float, float, np.ndarray]]:
+    """The local rate ``r = -d log(gap)/dt`` on consecutive sub-windows of ``window``, from the top down.
+
+    ``window`` is cut at ``window[1] 10^(-k decades)``; each cut with at least 3 points gets the least-squares
+    slope of ``log values`` on ``t`` (a slope over a decade averages out the round-off of single rows). With
+    fewer than two such cuts, single successive rows are the sub-windows.
+
+    Args:
+        values: what decays, ``gap`` by default. The ``dissipation`` column ``dJ/dt`` decays like the gap
+            asymptotically and carries no cancellation error (the gap ``J* - J`` has ~1e-13 |J| of round-off,
+            1% at 1e-10 when |J| ~ 10), so :func:`fit_rate` uses it when it is positive on the whole window.
+
+    Returns:
+        ``[(gap_hi, gap_lo, rate, mask), ...]`` in time order; ``mask`` (bool, shape of ``gap``) marks the
+        sub-window's points.
+    """
+    lo, hi = window
+    values = gap if values is None else values
+    positive = gap > 0
+    level = np.full(gap.shape, -1)
+    level[positive] = np.floor(np.log10(hi / gap[positive]) / decades + 1e-12).astype(int)
+    cuts = int(np.ceil(np.log10(hi / lo) / decades - 1e-12))
+    out = []
+    for k in range(cuts):
+        mask = (level == k) & (gap >= lo) & (gap <= hi)
+        if mask.sum() >= 3:
+            slope = _line(t[mask], np.log(values[mask]))[0]
+            out.append((hi * 10 ** (-k * decades), max(lo, hi * 10 ** (-(k + 1) * decades)), -slope, mask))
+    if len(out) >= 2:
+        return out
+    inside = np.flatnonzero((gap >= lo) & (gap <= hi))
+    out = []
+    for a, b in zip(inside[:-1], inside[1:]):
+        if b == a + 1 and t[b] > t[a]:
+            mask = np.zeros(gap.shape, bool)
+            mask[[a, b]] = True
+            out.append((float(gap[a]), float(gap[b]), float(np.log(values[a] / values[b]) / (t[b] - t[a])), mask))
+    return out
+
+
+def fit_rate(t: np.ndarray, gap: np.ndarray, window: tuple[float, float] = RATE_WINDOW,
+             settled: float = RATE_SETTLED, dissipation: np.ndarray | None = None) -> RateFit | None:
+    """Fit a linear rate to ``gap(t)``, only where the local rate has settled (theory.md §5.3(e), §10.2).
+
+    The points with ``window[0] <= gap <= window[1]`` are fitted. The fit is ``"asymptotic"`` when the local
+    rates of :func:`local_rates` (one per decade of the gap) vary by less than ``settled`` (relative) over the
+    whole window, else ``"transient"``: the gap has not reached its asymptotic regime (a late run of settled
+    decades is not enough: a rate creeping by 0.3% per decade is a transient), and ``local_last`` is the best
+    available estimate of the current local rate. A run that never entered the
+    window (fewer than three points there) is fitted on the last three decades above its final gap and is
+    always ``"transient"``: never a silent fallback. Returns None if no three positive gaps exist.
+
+    ``dissipation`` (the history column, optional): where it is finite and positive on every point of the
+    window, the local rates are measured on it (:func:`local_rates`); the fit itself is always on the gap.
     """
     t, gap = np.asarray(t, float), np.asarray(gap, float)
     inside = (gap >= window[0]) & (gap <= window[1])
-    if inside.sum() < 3:
+    fallback = inside.sum() < 3
+    if fallback:
         positive = gap > 0
         if positive.sum() < 3:
             return None
@@ -132,13 +205,21 @@ def fit_rate(t: np.ndarray, gap: np.ndarray, window: tuple[float, float] = RATE_
         inside = positive & (gap >= window[0]) & (gap <= window[1])
         if inside.sum() < 3:
             return None
-    tt, y = t[inside], np.log(gap[inside])
-    slope, intercept = np.polyfit(tt, y, 1)
-    residual = y - (slope * tt + intercept)
-    total = np.sum((y - y.mean()) ** 2)
-    r2 = 1.0 - np.sum(residual ** 2) / total if total > 0 else 1.0
-    return RateFit(rate=float(-slope), intercept=float(intercept), r2=float(r2), window=window,
-                   t_range=(float(tt[0]), float(tt[-1])), points=int(inside.sum()))
+    values = None
+    if dissipation is not None:
+        dissipation = np.asarray(dissipation, float)
+        if np.all(np.isfinite(dissipation[inside])) and np.all(dissipation[inside] > 0):
+            values = np.where(inside, dissipation, 1.0)
+    subs = local_rates(t, gap, window, values=values)
+    rates = [s[2] for s in subs]
+    spread = (max(rates) - min(rates)) / abs(float(np.mean(rates))) if len(rates) >= 2 else math.inf
+    status = "asymptotic" if not fallback and spread < settled else "transient"
+    used = inside
+    tt, y = t[used], np.log(gap[used])
+    slope, intercept, r2 = _line(tt, y)
+    return RateFit(rate=-slope, intercept=intercept, r2=r2, window=window, t_range=(float(tt[0]), float(tt[-1])),
+                   points=int(used.sum()), status=status, local_last=float(rates[-1]) if rates else -slope,
+                   local_spread=float(spread), local_rates=tuple((s[0], s[1], s[2]) for s in subs))
 
 
 #: Above this many action DOFs the gap is found by sparse shift-invert Lanczos instead of a dense eigen-solve.
@@ -151,20 +232,20 @@ def generator_gaps(mdp: MDP, Q: np.ndarray, scheme: str = "sg") -> np.ndarray:
     ``-L`` is similar to the symmetric matrix ``S = W^{-1/2} A W^{-1/2}`` with off-diagonal
     ``-tau omega_jk b(dg)/sqrt(w_j w_k)`` where ``b = (dg/2)/sinh(dg/2)`` (SG) or 1 (SQRA), evaluated without
     forming ``exp(g)`` so that small ``tau`` cannot overflow. States are processed in chunks
-    (:func:`solver.flows.by_state_chunks`), so the edge arrays do not grow with ``N``.
+    (:func:`solver.budget.by_state_chunks`), so the edge arrays do not grow with ``N``.
     """
     space = mdp.space
-    return flows.by_state_chunks(space, lambda g: _gaps(space, g, mdp.tau, scheme), flows.potential(mdp, Q))
+    return budget.by_state_chunks(space, lambda g: _gaps(space, g, mdp.tau, scheme), potential(mdp, Q))
 
 
 def _gaps(space, g: np.ndarray, tau: float, scheme: str) -> np.ndarray:
     """:func:`generator_gaps` for the potentials ``g`` ``(n, M)`` of a chunk of states."""
-    fwd, bwd = flows.edge_rates(space, g, tau, scheme)
+    fwd, bwd = edge_rates(space, g, tau, scheme)
     j, k = space.edges[:, 0], space.edges[:, 1]
     w = space.weights
     # symmetric coupling: fwd * exp(-dg/2) = bwd * exp(dg/2) = sqrt(fwd * bwd)
     coupling = -np.sqrt(fwd * bwd) / np.sqrt(w[j] * w[k])
-    diag = fwd @ flows.incidence(j, space.n_dofs) / w + bwd @ flows.incidence(k, space.n_dofs) / w
+    diag = fwd @ incidence(j, space.n_dofs) / w + bwd @ incidence(k, space.n_dofs) / w
     if space.dim == 1 and space.bandwidth == 1:
         order = np.argsort(j)
         return np.array([sla.eigh_tridiagonal(d, c[order], select="i", select_range=(1, 1),
@@ -184,8 +265,3 @@ def _gaps(space, g: np.ndarray, tau: float, scheme: str) -> np.ndarray:
         values = spla.eigsh(S, k=2, sigma=shift, which="LM", return_eigenvectors=False, tol=0)
         gaps.append(float(np.max(values)))
     return np.array(gaps)
-
-
-def implicit_euler_rate(ell: float, dt: float) -> float:
-    """Asymptotic gap rate of implicit Euler with a slowest mode ``ell``: ``2 log(1 + dt ell) / dt``."""
-    return 2.0 * math.log1p(dt * ell) / dt

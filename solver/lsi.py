@@ -1,13 +1,13 @@
-"""Log-Sobolev and Poincaré constants of densities on the action mesh, and the along-flow rate check.
+"""Log-Sobolev and Poincaré constants of densities on the action mesh (pure functional inequalities).
 
-Conventions (math.md §5.1): LSI(C) is ``Ent_nu(f^2) <= (2/C) int |grad f|^2 dnu``; Poincaré(lambda) is
+Conventions (theory.md §5.1): LSI(C) is ``Ent_nu(f^2) <= (2/C) int |grad f|^2 dnu``; Poincaré(lambda) is
 ``Var_nu(f) <= (1/lambda) int |grad f|^2 dnu``; ``C <= lambda``; ``N(m, sigma^2)`` has ``C = lambda = 1/sigma^2``.
 
 **Which density.** A density is given by its log at the DOFs (``log_density (M,)``, unnormalised, w.r.t.
 Lebesgue). Between DOFs it is the *log-linear* interpolant ``nu_h = exp(I_h log nu)`` (the density the
-exponentially fitted flow scheme sees), normalised to ``int nu_h = 1``. Log-densities more than
-:data:`LOG_FLOOR` below their maximum are raised to it (relative mass ``< e^-600``; keeps every integral a
-normal double). All constants below are those of ``nu_h`` on the meshed domain:
+exponentially fitted flow scheme sees), normalised to ``int nu_h = 1``. No floor is applied: the forms are
+assembled in log space (:func:`forms`), so the log-density may span any number of decades (a floor would
+change ``nu_h`` and create a spurious flat well). All constants below are those of ``nu_h`` on the meshed domain:
 
 * :func:`poincare`: the Galerkin spectral gap of P1 functions, ``K f = lambda M f`` with
   ``K_jk = int nu_h grad phi_j . grad phi_k`` and the consistent mass ``M_jk = int nu_h phi_j phi_k`` (both by a
@@ -21,29 +21,28 @@ normal double). All constants below are those of ``nu_h`` on the meshed domain:
 
   - "Bakry-Emery + Holley-Stroock": fit ``W_q(a) = 1/2 a^T H a + b^T a + c`` to ``W = -log nu`` by least
     squares at the DOFs; if ``H`` is positive definite and the domain convex, the truncated Gaussian
-    ``e^{-W_q}`` has LSI(``lambda_min(H)``) (Bakry-Emery, math.md §7.4) and ``psi = W_h - W_q`` perturbs it by
+    ``e^{-W_q}`` has LSI(``lambda_min(H)``) (Bakry-Emery, theory.md §7.4) and ``psi = W_h - W_q`` perturbs it by
     ``exp(-osc psi)`` (Holley-Stroock). On a cell ``psi`` is linear minus convex, so its minimum is at a vertex
     and its maximum exceeds the vertex values by at most ``lambda_max(H) R_c^2 / 2`` (``R_c`` the
     circumradius: ``sum_i b_i |x_i - x|^2 <= R_c^2`` for barycentric ``b``).
   - "Holley-Stroock (uniform)": on an interval or an axis-aligned rectangle the uniform measure has
-    ``C = pi^2 / max side^2`` (math.md §7.4) and ``W_h`` is piecewise linear, so ``C >= C_unif exp(-osc W)``.
+    ``C = pi^2 / max side^2`` (theory.md §7.4) and ``W_h`` is piecewise linear, so ``C >= C_unif exp(-osc W)``.
   - On a non-convex domain neither applies: lower bound 0, method "none (domain not convex)".
 
-**Along the flow** (math.md §5.3(c)): :class:`LocalRates` takes at each snapshot of a run the local rate
-``r = (dJ/dt) / (J* - J)`` with ``dJ/dt = rho^T (I - gamma P^pi)^{-1} D^h``, the mismatch
-``kappa = max_s d*_rho(s) / d^pi_rho(s)``, ``C_lo = min_s`` (lower bound of the Gibbs policy ``G^pi_s``) and the
-check ``r >= theta 2 tau C_lo / kappa``. ``r`` belongs to the semi-discrete flow, whose constants are the
-discrete ones (math.md §8.5), ``O(h^2)`` away from the continuum ``C_lo``; ``theta = min(1, ell / (tau lambda))``
-at the slowest state of ``Q*`` (:func:`discrete_factor`) measures that factor (``1 - 7e-4`` for the shipped
-``bandit_ou``, where the continuum bound is sharp and the uncorrected check fails by ``2e-4``).
+**The discrete generator** (theory.md §10.1): per state, the SG/EAFE (or SQRA) generator of a potential ``g`` is a
+reversible chain on the DOFs with stationary masses ``pi_j = w_j e^{g_j} / Z`` and edge conductances
+``q_e = pi_j L(j -> k)`` (:func:`log_conductances`, in log space). Its entropy-production (modified log-Sobolev)
+constant ``rho_0`` is bracketed by :func:`mlsi_lower` (Diaconis-Saloff-Coste + Bobkov-Tetali, from the gap and
+``log pi_*``; the exact statements are in its docstring) and :func:`mlsi_upper` (ratio minimisation); the gaps
+along a flow are certified from below by :class:`GapTracker` (Sturm counts in 1D).
+
+The along-flow rate check that uses these constants is :mod:`solver.along_flow`.
 """
 
 from __future__ import annotations
 
-import csv
 import math
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import numpy as np
 import scipy.linalg as sla
@@ -52,11 +51,8 @@ import scipy.sparse as sp
 import scipy.sparse.linalg as spla
 from scipy.spatial import ConvexHull
 
-from . import bellman, diagnostics, flows
+from . import bellman, budget
 from .fem import ActionSpace
-
-#: Log-densities below ``max - 600`` are raised to it (``e^-600 ~ 1e-261``: all integrals stay normal doubles).
-LOG_FLOOR = 600.0
 
 #: Up to this many DOFs the generalised eigenproblem is solved densely (LAPACK), above by ARPACK shift-invert.
 DENSE_DOFS = 1200
@@ -152,11 +148,16 @@ class Forms:
     """The weighted P1 forms of one normalised density ``nu_h``.
 
     Attributes:
-        log_nu: ``(M,)`` floored, normalised log-density at the DOFs.
-        K: ``(M, M)`` sparse stiffness ``int nu_h grad phi_j . grad phi_k``.
-        mass: ``(M, M)`` sparse consistent mass ``int nu_h phi_j phi_k``.
+        log_nu: ``(M,)`` normalised log-density at the DOFs (no floor: any finite values).
+        K: ``(M, M)`` sparse stiffness ``int nu_h grad phi_j . grad phi_k`` (entries of cells whose mass is
+            below the smallest double underflow to 0; use ``K_scaled`` for eigenvalues).
+        mass: ``(M, M)`` sparse consistent mass ``int nu_h phi_j phi_k`` (same remark).
         cell_nu: ``(C,)`` ``int_cell nu_h`` (cell mass).
         quad_mass: ``(C, q)`` quadrature masses ``m_cq = |c| omega_q nu_h(x_cq)`` (sum 1).
+        log_mass_diag: ``(M,)`` ``log M_jj``, computed in log space (never ``-inf``).
+        K_scaled, mass_scaled: ``D K D`` and ``D M D`` with ``D = diag(M)^{-1/2}``, assembled cell by cell from
+            ``exp(log cell scale - (log M_jj + log M_kk) / 2)``, so that no factor under- or overflows however
+            small the density is (``mass_scaled`` has unit diagonal).
     """
 
     log_nu: np.ndarray
@@ -164,29 +165,59 @@ class Forms:
     mass: sp.csr_matrix
     cell_nu: np.ndarray
     quad_mass: np.ndarray
+    log_mass_diag: np.ndarray
+    K_scaled: sp.csr_matrix
+    mass_scaled: sp.csr_matrix
+
+
+def _log_scatter_sum(index: np.ndarray, log_values: np.ndarray, m: int) -> np.ndarray:
+    """``log sum_{i: index_i = j} exp(log_values_i)`` for ``j < m`` (``-inf`` where nothing is scattered)."""
+    top = np.full(m, -np.inf)
+    np.maximum.at(top, index, log_values)
+    total = np.bincount(index, weights=np.exp(log_values - top[index]), minlength=m)
+    with np.errstate(divide="ignore"):
+        return top + np.log(total)
 
 
 def forms(space: ActionSpace, log_density: np.ndarray) -> Forms:
-    """Assemble :class:`Forms` for ``log_density`` ``(M,)`` (vectorised over cells; no DOLFINx)."""
+    """Assemble :class:`Forms` for ``log_density`` ``(M,)`` (vectorised over cells; no DOLFINx).
+
+    Everything is computed from the log quadrature masses ``log m_cq = log(|c| omega_q) + sum_i lam_qi log nu_i``:
+    no floor is applied to the log-density (a floor would change ``nu_h``: a plateau at ``max - floor`` is a
+    spurious flat well with its own slow Neumann mode; with ``log nu`` spanning 814 at the tau = 0.1 LQR edge
+    state it gave ``lambda = 0.416`` instead of 17.66).
+    """
     geo = _geometry(space)
     log_nu = np.asarray(log_density, float)
     if log_nu.shape != (space.n_dofs,) or not np.all(np.isfinite(log_nu)):
         raise ValueError(f"log_density must be finite with shape ({space.n_dofs},)")
-    log_nu = np.maximum(log_nu - log_nu.max(), -LOG_FLOOR)
+    log_nu = log_nu - log_nu.max()
     cells = space.cells
-    quad = geo.volumes[:, None] * geo.omega[None, :] * np.exp(log_nu[cells] @ geo.lam.T)  # (C, q)
-    total = quad.sum()
-    quad /= total
-    log_nu = log_nu - math.log(total)
+    lq = np.log(geo.volumes)[:, None] + np.log(geo.omega)[None, :] + log_nu[cells] @ geo.lam.T  # (C, q)
+    top = float(lq.max())
+    log_total = top + math.log(float(np.exp(lq - top).sum()))
+    lq -= log_total
+    log_nu = log_nu - log_total
+    quad = np.exp(lq)
     cell_nu = quad.sum(axis=1)
+    scale = lq.max(axis=1)  # (C,) log of each cell's largest quadrature mass
+    rel = np.exp(lq - scale[:, None])  # (C, q), in (0, 1]
+    m_rel = np.einsum("cq,qi,qk->cik", rel, geo.lam, geo.lam)
+    k_rel = rel.sum(axis=1)[:, None, None] * np.einsum("cid,ckd->cik", geo.grads, geo.grads)
+    n_local = cells.shape[1]
     M = space.n_dofs
-    rows = np.repeat(cells, cells.shape[1], axis=1).ravel()
-    cols = np.tile(cells, (1, cells.shape[1])).ravel()
-    k_local = cell_nu[:, None, None] * np.einsum("cid,ckd->cik", geo.grads, geo.grads)
-    m_local = np.einsum("cq,qi,qk->cik", quad, geo.lam, geo.lam)
-    K = sp.csr_matrix((k_local.ravel(), (rows, cols)), shape=(M, M))
-    mass = sp.csr_matrix((m_local.ravel(), (rows, cols)), shape=(M, M))
-    return Forms(log_nu=log_nu, K=K, mass=mass, cell_nu=cell_nu, quad_mass=quad)
+    diag_local = scale[:, None] + np.log(np.einsum("cii->ci", m_rel))  # (C, d + 1) log of local diagonal masses
+    log_diag = _log_scatter_sum(cells.ravel(), diag_local.ravel(), M)
+    rows = np.repeat(cells, n_local, axis=1).ravel()
+    cols = np.tile(cells, (1, n_local)).ravel()
+    factor = np.exp(scale[:, None, None] - 0.5 * (log_diag[cells][:, :, None] + log_diag[cells][:, None, :]))
+    K_scaled = sp.csr_matrix(((factor * k_rel).ravel(), (rows, cols)), shape=(M, M))
+    mass_scaled = sp.csr_matrix(((factor * m_rel).ravel(), (rows, cols)), shape=(M, M))
+    cell_scale = np.exp(scale)[:, None, None]
+    K = sp.csr_matrix(((cell_scale * k_rel).ravel(), (rows, cols)), shape=(M, M))
+    mass = sp.csr_matrix(((cell_scale * m_rel).ravel(), (rows, cols)), shape=(M, M))
+    return Forms(log_nu=log_nu, K=K, mass=mass, cell_nu=cell_nu, quad_mass=quad, log_mass_diag=log_diag,
+                 K_scaled=K_scaled, mass_scaled=mass_scaled)
 
 
 def dirichlet(space: ActionSpace, fm: Forms, f: np.ndarray) -> float:
@@ -208,28 +239,43 @@ class Poincare:
 
 
 def poincare(space: ActionSpace, log_density: np.ndarray, fm: Forms | None = None) -> Poincare:
-    """Smallest non-zero eigenvalue of ``K f = lambda M f`` (Neumann, math.md §5.1: ``N(m, s^2)`` has ``1/s^2``).
+    """Smallest non-zero eigenvalue of ``K f = lambda M f`` (Neumann, theory.md §5.1: ``N(m, s^2)`` has ``1/s^2``).
 
-    Scaled by ``D = diag(M)^{-1/2}`` (so tiny densities do not spoil the conditioning); dense LAPACK up to
-    :data:`DENSE_DOFS` DOFs, else ARPACK shift-invert at ``-s`` with ``s`` the Rayleigh quotient of the
-    coordinate functions (``>= lambda``). The value returned is the Rayleigh quotient of the computed
-    eigenvector after projecting out the constants: an exact upper bound of the discrete gap, free of the
-    cancellation in ``sigma + 1/theta``.
+    Solved for the scaled pencil ``(D K D, D M D)``, ``D = diag(M)^{-1/2}``, assembled in log space
+    (:class:`Forms`), so densities spanning any number of decades neither underflow nor spoil the conditioning;
+    dense LAPACK up to :data:`DENSE_DOFS` DOFs, else ARPACK shift-invert at ``-s`` with ``s`` the Rayleigh
+    quotient of the coordinate functions (``>= lambda``). The value returned is the Rayleigh quotient
+    ``v^T Ks v / v^T Ms v`` of the computed scaled eigenvector ``v`` after projecting out the constants (in scaled
+    coordinates ``c0 = diag(M)^{1/2}``, ``c0^T Ms c0 = 1``): an exact upper bound of the discrete gap, free of the
+    cancellation in ``sigma + 1/theta``. The eigenfunction ``f = D v`` is returned where it is resolved
+    (``M_jj >= e^-46`` relative to the total mass: ``v`` carries an absolute error ~1e-16); elsewhere it is
+    clamped to the range of the resolved values (it only seeds :func:`lsi_upper`).
     """
     fm = forms(space, log_density) if fm is None else fm
-    D = 1.0 / np.sqrt(fm.mass.diagonal())
-    Ks = sp.csr_matrix(sp.diags(D) @ fm.K @ sp.diags(D))
-    Ms = sp.csr_matrix(sp.diags(D) @ fm.mass @ sp.diags(D))
+    Ks, Ms = fm.K_scaled, fm.mass_scaled
     if space.n_dofs <= DENSE_DOFS:
         _, vec = sla.eigh(Ks.toarray(), Ms.toarray(), subset_by_index=(1, 1), check_finite=False)
-        f = D * vec[:, 0]
+        v = vec[:, 0]
     else:
         shift = min(_rayleigh(space, fm, space.coords[:, i]) for i in range(space.dim))
         _, vecs = spla.eigsh(Ks.tocsc(), k=2, M=Ms.tocsc(), sigma=-shift, which="LM")
-        f = D * vecs[:, 1]  # ARPACK returns ascending: the constant (0) first
-    f = f - fm.mass @ f @ np.ones(space.n_dofs)  # int f dnu = 1^T M f (int 1 dnu = 1)
-    f = f / math.sqrt(f @ (fm.mass @ f))
-    return Poincare(value=dirichlet(space, fm, f), f=f)
+        v = vecs[:, 1]  # ARPACK returns ascending: the constant (0) first
+    c0 = np.exp(0.5 * fm.log_mass_diag)
+    v = v - float(c0 @ (Ms @ v)) * c0
+    value = float(v @ (Ks @ v)) / float(v @ (Ms @ v))
+    f = _resolved(v, fm.log_mass_diag, fm.log_mass_diag >= -46.0)
+    f = f - float(np.ones(space.n_dofs) @ (fm.mass @ f))
+    f = f / math.sqrt(float(f @ (fm.mass @ f)))
+    return Poincare(value=value, f=f)
+
+
+def _resolved(v: np.ndarray, log_diag: np.ndarray, resolved: np.ndarray) -> np.ndarray:
+    """``f = v / sqrt(M_jj)`` where ``resolved``, clamped elsewhere to the range of the resolved values."""
+    f = np.empty_like(v)
+    f[resolved] = v[resolved] * np.exp(-0.5 * log_diag[resolved])
+    lo, hi = f[resolved].min(), f[resolved].max()
+    f[~resolved] = np.where(v[~resolved] >= 0, hi, lo)
+    return f
 
 
 def _rayleigh(space: ActionSpace, fm: Forms, f: np.ndarray) -> float:
@@ -374,14 +420,17 @@ def _split_bound(space: ActionSpace, psi: np.ndarray, curvature: np.ndarray, kap
 def _convex_minorant_1d(a: np.ndarray, f: np.ndarray) -> np.ndarray:
     """A convex minorant of ``f (N, M)`` at the sorted nodes ``a (M,)``: the maximum of the affine minorants
     ``p a - f*(p)`` with :data:`ENVELOPE_SLOPES` slopes ``p`` between the extreme node slopes (``f*`` exact).
-    Its nodal interpolant is convex and ``<= f`` at the nodes."""
+    Its nodal interpolant is convex and ``<= f`` at the nodes. Work ``O(N P M)``: :func:`lower_bounds` calls it
+    only for the densities whose quadratic-fit bound is not already good (``split``)."""
     slopes = np.diff(f, axis=1) / np.diff(a)[None, :]
     p = np.linspace(slopes.min(axis=1), slopes.max(axis=1), ENVELOPE_SLOPES, axis=1)  # (N, P)
     conj = np.max(p[:, :, None] * a[None, None, :] - f[:, None, :], axis=2)  # f*(p), (N, P)
     return np.max(p[:, :, None] * a[None, None, :] - conj[:, :, None], axis=1)
 
 
-def lower_bounds(space: ActionSpace, log_densities: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def lower_bounds(space: ActionSpace, log_densities: np.ndarray, good_enough: np.ndarray | None = None,
+                 around: np.ndarray | None = None,
+                 steps_out: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Closed-form LSI lower bounds of ``nu_h`` for many densities at once (module docstring).
 
     Three families, the best one is returned per density:
@@ -396,6 +445,12 @@ def lower_bounds(space: ActionSpace, log_densities: np.ndarray) -> tuple[np.ndar
     Args:
         space: the action space.
         log_densities: ``(N, M)`` log-densities at the DOFs (unnormalised).
+        good_enough: ``(N,)`` or None: the split (family 2, the costly one: ``O(P M)`` per density and ``kappa``)
+            is tried only for the densities whose quadratic-fit bound is below this value (default: all). Every
+            value returned is a valid bound either way.
+        around: ``(N,)`` indices into :data:`KAPPA_STEPS` (e.g. the best ones of the previous snapshot, -1 for
+            none): try only that step and its two neighbours instead of all of them (warm start along a flow).
+        steps_out: ``(N,)`` int array or None: receives the index of the best split step (-1: not tried).
 
     Returns:
         ``(value (N,), method (N,) int)``: the best bound and its index in :data:`LOWER_METHODS`.
@@ -405,7 +460,7 @@ def lower_bounds(space: ActionSpace, log_densities: np.ndarray) -> tuple[np.ndar
     n = logs.shape[0]
     if not geo.convex:
         return np.zeros(n), np.zeros(n, int)
-    W = -np.maximum(logs - logs.max(axis=1, keepdims=True), -LOG_FLOOR)  # (N, M), min 0
+    W = -(logs - logs.max(axis=1, keepdims=True))  # (N, M), min 0; no floor (the bounds are for nu_h itself)
     d = space.dim
     a = space.coords
     lo, hi = a.min(axis=0), a.max(axis=0)
@@ -424,14 +479,31 @@ def lower_bounds(space: ActionSpace, log_densities: np.ndarray) -> tuple[np.ndar
     kappa0 = np.where(eig[:, 0] > 0, eig[:, 0], 8.0 / float(np.sum((hi - lo) ** 2)))  # 2 / R^2 for a disk at k = -1
     split = np.zeros(n)
     affine = design[:, :1 + d]
-    for step in KAPPA_STEPS:
-        kappa = kappa0 * 2.0 ** -float(step)
-        f = W - 0.5 * kappa[:, None] * r2[None, :]
+    tried = np.ones(n, bool) if good_enough is None else ~(fitted >= np.asarray(good_enough, float))
+    Wt, k0 = W[tried], kappa0[tried]
+    nt = int(tried.sum())
+    best_split, best_index = np.zeros(nt), np.full(nt, -1)
+    if around is None:
+        index_sets = [np.full(nt, i) for i in range(KAPPA_STEPS.size)]
+    else:  # the previous best step and its two neighbours
+        centre = np.asarray(around, int)[tried]
+        centre = np.where(centre < 0, 1, centre)
+        index_sets = [np.clip(centre + o, 0, KAPPA_STEPS.size - 1) for o in (-1, 0, 1)]
+    for index in index_sets if nt else ():
+        kappa = k0 * 2.0 ** -KAPPA_STEPS[index].astype(float)
+        f = Wt - 0.5 * kappa[:, None] * r2[None, :]
         if d == 1 and space.is_chain:
             phi = _convex_minorant_1d(a[:, 0], f)
         else:
             phi = (affine @ np.linalg.lstsq(affine, f.T, rcond=None)[0]).T
-        split = np.maximum(split, _split_bound(space, f - phi, kappa, kappa))
+        value = _split_bound(space, f - phi, kappa, kappa)
+        better = value > best_split
+        best_split = np.where(better, value, best_split)
+        best_index = np.where(better, index, best_index)
+    split[tried] = best_split
+    if steps_out is not None:
+        steps_out[:] = -1
+        steps_out[tried] = best_index
     if geo.box_side is not None:
         hs = math.pi ** 2 / geo.box_side ** 2 * np.exp(-(W.max(axis=1) - W.min(axis=1)))
     else:
@@ -454,7 +526,7 @@ def lsi_lower(space: ActionSpace, log_density: np.ndarray) -> tuple[float, str]:
 
 @dataclass(frozen=True)
 class LSIBracket:
-    """``lower <= C_LSI <= upper <= poincare`` with the method at each end (convention math.md §5.1)."""
+    """``lower <= C_LSI <= upper <= poincare`` with the method at each end (convention theory.md §5.1)."""
 
     lower: float
     lower_method: str
@@ -478,174 +550,416 @@ def bracket(space: ActionSpace, log_density: np.ndarray, seed: int = 0) -> LSIBr
                       poincare=pc.value)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# along the flow (math.md §5.3(c))
-
-#: Gaps below ``GAP_FLOOR * max(1, |J*|)`` are not tested (``holds`` NaN): there the round-off in ``J* - J``
-#: (~1e-13 |J|, math.md §8.6, plus the mass drift of ~4e-16 per step, which moves J by ~tau drift / (1 - gamma))
-#: is no longer small against the gap.
-GAP_FLOOR = 1e-9
-
-RATES_COLUMNS = ("t", "local_rate", "kappa", "C_lo", "bound", "holds", "bound_continuum")
-
-
-@dataclass(frozen=True)
-class AlongFlow:
-    """The §5.3(c) check at every snapshot; arrays of shape ``(K,)`` (``holds`` 1/0, NaN if not tested).
-
-    ``bound_continuum = 2 tau C_lo / kappa`` with the continuum lower bound ``C_lo``; ``bound`` is it times
-    ``discrete_factor`` (see :func:`discrete_factor`), the bound for the semi-discrete flow that is checked.
-    ``ell_star``: the generator gaps at ``Q*`` if they were computed for the factor (reused by the summary).
-    """
-
-    t: np.ndarray
-    local_rate: np.ndarray
-    kappa: np.ndarray
-    C_lo: np.ndarray
-    bound: np.ndarray
-    holds: np.ndarray
-    bound_continuum: np.ndarray
-    discrete_factor: float
-    ell_star: np.ndarray | None
-
-    @property
-    def all_hold(self) -> bool:
-        tested = np.isfinite(self.holds)
-        return bool(np.all(self.holds[tested] == 1))
-
-    @property
-    def all_hold_continuum(self) -> bool:
-        tested = np.isfinite(self.holds)
-        return bool(np.all(self.local_rate[tested] >= self.bound_continuum[tested]))
-
-    def rows(self) -> list[dict]:
-        return [{c: float(getattr(self, c)[k]) for c in RATES_COLUMNS} for k in range(self.t.size)]
-
-
-def occupancy(mdp, evaluation: bellman.Evaluation) -> np.ndarray:
-    """Discounted occupancy ``d^pi_rho = (1 - gamma) (I - gamma P^pi)^{-T} rho``, ``(N,)``."""
-    return (1.0 - mdp.gamma) * evaluation.resolvent_adjoint(mdp.rho)
-
-
-def discrete_factor(problem, ell: np.ndarray | None = None) -> tuple[float, int, float]:
-    """``theta = min(1, ell_s / (tau lambda_s))`` at the slowest state ``s`` of ``Q*``: discrete over continuum gap.
-
-    The local rate ``r(t)`` is that of the semi-discrete flow, whose functional constants are the discrete ones
-    (math.md §8.5): they agree with the continuum constants of ``nu_h`` only up to ``O(h^2)``, and near the
-    optimum ``r -> 2 ell_min`` (§5.3(e)). ``theta`` measures that ``O(h^2)`` factor where it matters (the slowest
-    mode) and turns the continuum ``C_lo`` into the bound ``theta C_lo`` for the discrete flow.
-
-    Returns:
-        ``(theta, slowest state, lambda at that state)``.
-    """
-    mdp = problem.mdp
-    if ell is None:
-        ell = diagnostics.generator_gaps(mdp, problem.optimum.Q, problem.config.flow.scheme)
-    slowest = int(np.argmin(ell))
-    lam = poincare(mdp.space, log_gibbs_row(mdp, problem.optimum.Q, slowest)).value
-    return min(1.0, float(ell[slowest]) / (mdp.tau * lam)), slowest, lam
-
-
 def log_gibbs_row(mdp, Q: np.ndarray, state: int) -> np.ndarray:
     """``log G^Q_s`` at one state, ``(M,)``, without the ``(N, M)`` temporaries of the whole table."""
     return bellman.log_gibbs(mdp, Q[state:state + 1])[0][0]
 
 
-def gibbs_lower_bounds(mdp, Q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """:func:`lower_bounds` of the Gibbs policies ``G^Q_s`` of every state, computed in chunks of states so that
-    the temporaries (several per cell and state) do not grow with ``N``."""
-    both = flows.by_state_chunks(
-        mdp.space, lambda q: np.column_stack(lower_bounds(mdp.space, bellman.log_gibbs(mdp, q)[0])), Q)
-    return both[:, 0], both[:, 1].astype(int)
+def many_lower_bounds(space: ActionSpace, log_densities: np.ndarray, good_enough: np.ndarray | None = None,
+                      around: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`lower_bounds` of the log-densities ``(N, M)`` (unnormalised) in chunks of states, so that the
+    temporaries (several per cell and state) do not grow with ``N``; ``good_enough``, ``around`` ``(N,)`` as there.
+    Returns ``(value, method, best split step index)``, each ``(N,)``."""
+    n = log_densities.shape[0]
+    good_enough = np.full(n, np.inf) if good_enough is None else np.asarray(good_enough, float)
+    centre = np.full(n, -1) if around is None else np.asarray(around, int)
+
+    def chunk(logs, ge, c):
+        steps = np.empty(logs.shape[0], int)
+        value, method = lower_bounds(space, logs, ge, None if around is None else c, steps)
+        return np.column_stack([value, method, steps])
+
+    both = budget.by_state_chunks(space, chunk, log_densities, good_enough, centre)
+    return both[:, 0], both[:, 1].astype(int), both[:, 2].astype(int)
 
 
-class LocalRates:
-    """The local-rate check ``r(t) >= 2 tau C_lo / kappa_t`` (math.md §5.3(c)), one row per flow state given.
+def gibbs_lower_bounds(mdp, Q: np.ndarray, good_enough: np.ndarray | None = None,
+                       around: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`many_lower_bounds` of the Gibbs policies ``G^Q_s`` of every state (log-Gibbs computed per chunk)."""
+    n = Q.shape[0]
+    good_enough = np.full(n, np.inf) if good_enough is None else np.asarray(good_enough, float)
+    centre = np.full(n, -1) if around is None else np.asarray(around, int)
 
-    Called with snapshot flow states while their evaluation is alive (``Snapshots(on_snapshot=...)``), it
-    reuses the flow's own ``Q^pi`` and resolvent: no policy is evaluated again and no snapshot policy is kept.
-    For each state: ``dJ/dt = x . D^h`` with ``x = (I - gamma P^pi)^{-T} rho`` (math.md §4),
-    ``kappa = max_s d*(s) / d^pi(s)``, ``C_lo = min_s`` :func:`lower_bounds` of ``G^pi_s = exp(log_gibbs)``; the
-    check is ``r >= theta 2 tau C_lo / kappa``.
+    def chunk(q, ge, c):
+        return np.column_stack(many_lower_bounds(mdp.space, bellman.log_gibbs(mdp, q)[0], ge,
+                                                 None if around is None else c))
+
+    both = budget.by_state_chunks(mdp.space, chunk, Q, good_enough, centre)
+    return both[:, 0], both[:, 1].astype(int), both[:, 2].astype(int)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the discrete generator: certified entropy-production (modified log-Sobolev) constants (theory.md §10.1)
+#
+# A reversible chain is given by its log stationary masses ``log_pi (M,)`` (normalised), its edges ``(E, 2)``
+# and the log edge conductances ``log_q (E,)``, ``q_e = pi_j L(j -> k) = pi_k L(k -> j)``. Its Dirichlet form is
+# ``E(f, g) = sum_e q_e (f_j - f_k)(g_j - g_k)``; ``-L`` has the spectral gap ``ell = min E(f, f) / Var_pi(f)``.
+
+
+def log_bernoulli(x: np.ndarray) -> np.ndarray:
+    """``log B(x) = log(x / (e^x - 1))`` without under- or overflow (``log B(0) = 0``)."""
+    x = np.asarray(x, float)
+    out = -0.5 * x  # |x| < 1e-8: B(x) = 1 - x/2 + O(x^2)
+    big = np.abs(x) >= 1e-8
+    pos, neg = big & (x > 0), big & (x < 0)
+    xp, xn = x[pos], x[neg]
+    out[pos] = np.log(xp) - xp - np.log1p(-np.exp(-xp))  # e^x - 1 = e^x (1 - e^-x)
+    out[neg] = np.log(-xn) - np.log1p(-np.exp(xn))  # x / (e^x - 1) = -x / (1 - e^x)
+    return out
+
+
+def log_stationary(space: ActionSpace, g: np.ndarray) -> np.ndarray:
+    """Log Gibbs masses ``log pi_j = log(w_j e^{g_j}) - log sum_k w_k e^{g_k}``, ``(n, M)`` for ``g (n, M)``."""
+    x = np.atleast_2d(g) + np.log(space.weights)[None, :]
+    x = x - x.max(axis=1, keepdims=True)
+    return x - np.log(np.exp(x).sum(axis=1, keepdims=True))
+
+
+def log_conductances(space: ActionSpace, g: np.ndarray, tau: float, scheme: str = "sg") -> np.ndarray:
+    """``log q_e`` of the SG/EAFE (or SQRA) generator of the potentials ``g (n, M)``, ``(n, E)``.
+
+    With ``fwd = tau omega_jk B(-dg)`` (:func:`solver.flows.fokker_planck.edge_rates`, rate per unit density
+    from ``j`` to ``k``), the rate per unit mass is ``fwd / w_j``, so ``q_e = pi_j fwd / w_j = G_j fwd``
+    (``G_j = pi_j / w_j``, ``sum_j w_j G_j = 1``); detailed balance ``G_j B(-dg) = G_k B(dg)`` makes it symmetric.
+    Computed in log space (``omega = 0`` gives ``-inf``, a missing edge). The generator includes ``tau``.
+    """
+    if scheme not in ("sg", "sqra"):
+        raise ValueError(f"unknown scheme {scheme!r} (allowed: sg, sqra)")
+    g = np.atleast_2d(g)
+    j, k = space.edges[:, 0], space.edges[:, 1]
+    dg = g[:, k] - g[:, j]
+    with np.errstate(divide="ignore"):
+        log_scale = np.log(tau * space.conductance)[None, :]
+    log_fwd = log_scale + (log_bernoulli(-dg) if scheme == "sg" else 0.5 * dg)
+    log_pi = log_stationary(space, g)
+    return log_pi[:, j] - np.log(space.weights)[j][None, :] + log_fwd
+
+
+def chain_gap(log_pi: np.ndarray, edges: np.ndarray, log_q: np.ndarray) -> tuple[float, np.ndarray]:
+    """Spectral gap of ``-L`` and its eigenfunction ``f`` (``E_pi f = 0``, ``E_pi f^2 = 1``) by a dense eigen-solve.
+
+    ``-L`` is similar to ``S = Pi^{1/2} (-L) Pi^{-1/2}`` with ``S_jj = sum_e q_e / pi_j`` and
+    ``S_jk = -q_e / sqrt(pi_j pi_k)``, each formed from the logs (for small chains and tests; the flow's states
+    use :func:`solver.diagnostics.generator_gaps`, the same symmetrisation edge by edge).
+    """
+    m = log_pi.size
+    j, k = edges[:, 0], edges[:, 1]
+    S = np.zeros((m, m))
+    off = -np.exp(log_q - 0.5 * (log_pi[j] + log_pi[k]))
+    S[j, k] = S[k, j] = off
+    S[np.arange(m), np.arange(m)] = (np.bincount(j, np.exp(log_q - log_pi[j]), m)
+                                     + np.bincount(k, np.exp(log_q - log_pi[k]), m))
+    values, vectors = sla.eigh(S, subset_by_index=(1, 1))
+    return float(values[0]), vectors[:, 0] * np.exp(-0.5 * log_pi)
+
+
+def mlsi_lower(gap: np.ndarray, log_pi_min: np.ndarray) -> np.ndarray:
+    """Certified lower bound of the entropy-production constant ``rho_0`` from the gap and ``log pi_*``.
+
+    ``rho_0`` is the best constant in ``rho_0 Ent_pi(u) <= E(u, log u)`` for ``u > 0`` (theory.md §10.1; Bobkov and
+    Tetali 2006 call it the modified log-Sobolev constant); ``E(u, log u)`` is the entropy production,
+    ``d/dt KL(m || pi) = -E(u, log u)`` for ``dm/dt = L m``, ``u = m / pi``. The bound chains two facts:
+
+    1. **Diaconis and Saloff-Coste (1996), Appendix, Theorem A.1 and its corollary**: on a finite set with
+       ``pi_* = min pi``, the chain ``K(x, y) = pi(y)`` (whose Dirichlet form is ``Var_pi``) has log-Sobolev
+       constant exactly ``(1 - 2 pi_*) / log(1/pi_* - 1)`` (``1/2`` at ``pi_* = 1/2``); their LSI constant is
+       ``alpha = inf E(f, f) / L(f)`` with ``L(f) = sum pi f^2 log(f^2 / ||f||_2^2) = Ent_pi(f^2)``. Hence, since
+       ``E(f, f) >= ell Var_pi(f)``, every reversible chain has
+       ``alpha >= ell (1 - 2 pi_*) / log(1/pi_* - 1)``.
+    2. ``(a - b)(log a - log b) >= 4 (sqrt a - sqrt b)^2`` for ``a, b > 0`` (Bobkov-Tetali 2006, and DSC), so
+       ``E(u, log u) >= 4 E(sqrt u, sqrt u) >= 4 alpha Ent_pi(u)``: ``rho_0 >= 4 alpha``.
+
+    So ``rho_0 >= 4 (1 - 2 pi_*) ell / log(1/pi_* - 1)``, with ``log(1/pi_* - 1) = -log pi_* + log1p(-pi_*)``
+    evaluated from ``log pi_*`` (no underflow however small ``pi_*`` is). Upper end for comparison: ``rho_0 <= 2 ell``
+    (``u = 1 + eps f`` with the gap eigenfunction ``f``: ``E(u, log u) = eps^2 E(f, f) + O(eps^3)``,
+    ``Ent(u) = eps^2 Var(f) / 2 + O(eps^3)``), so the bound loses at most the factor
+    ``log(1/pi_* - 1) / (2 (1 - 2 pi_*))``.
+    Continuum check: ``alpha = tau C / 2`` in the theory.md §5.1 convention, so ``4 alpha = 2 tau C``.
 
     Args:
-        problem: a built :class:`solver.experiment.Problem`.
-        scheme: the flow scheme for ``D^h`` (default: the config's ``flow.scheme``).
-        theta: the discrete factor (default: :func:`discrete_factor`).
+        gap: ``(n,)`` spectral gaps ``ell`` of ``-L`` (the generator includes ``tau``).
+        log_pi_min: ``(n,)`` ``log pi_*`` (``<= log(1/2)`` unless the chain has one or two points).
+
+    Returns:
+        ``(n,)`` lower bounds of ``rho_0`` (``>= 0``).
     """
-
-    def __init__(self, problem, scheme: str | None = None, theta: float | None = None):
-        self.problem = problem
-        self.scheme = problem.config.flow.scheme if scheme is None else scheme
-        self.ell_star = None
-        if theta is None:
-            self.ell_star = diagnostics.generator_gaps(problem.mdp, problem.optimum.Q, self.scheme)
-            theta = discrete_factor(problem, self.ell_star)[0]
-        self.theta = theta
-        self.d_star = occupancy(problem.mdp, bellman.evaluate(problem.mdp, problem.optimum.p))
-        self.rows: list[tuple] = []
-
-    def __call__(self, state: flows.FlowState) -> None:
-        mdp, J_star, ev = self.problem.mdp, self.problem.J_star, state.evaluation
-        if ev.resolvent.released:  # the last state of a failed run: the flow freed it when it tried a step
-            ev = bellman.evaluate(mdp, state.p)
-        x = ev.resolvent_adjoint(mdp.rho)
-        rate_J = float(x @ flows.dissipation(mdp, state.p, state.g, self.scheme))
-        gap = J_star - float(mdp.rho @ ev.V)
-        kappa = float(np.max(self.d_star / ((1.0 - mdp.gamma) * x)))
-        C_lo = float(gibbs_lower_bounds(mdp, ev.Q)[0].min())
-        continuum = 2.0 * mdp.tau * C_lo / kappa
-        tested = gap > GAP_FLOOR * max(1.0, abs(J_star))
-        r = rate_J / gap if tested else math.nan
-        bound = self.theta * continuum
-        self.rows.append((state.t, r, kappa, C_lo, bound, float(r >= bound) if tested else math.nan, continuum))
-
-    def result(self) -> AlongFlow:
-        columns = np.array(self.rows, float).reshape(len(self.rows), len(RATES_COLUMNS)).T
-        return AlongFlow(**dict(zip(RATES_COLUMNS, columns)), discrete_factor=self.theta, ell_star=self.ell_star)
+    gap = np.asarray(gap, float)
+    lp = np.minimum(np.asarray(log_pi_min, float), math.log(0.5))
+    pi_min = np.exp(lp)
+    log_odds = -lp + np.log1p(-pi_min)  # log(1/pi_* - 1) >= 0
+    with np.errstate(invalid="ignore", divide="ignore"):
+        factor = np.where(log_odds > 1e-12, (1.0 - 2.0 * pi_min) / np.maximum(log_odds, 1e-300), 0.5)
+    return 4.0 * factor * np.maximum(gap, 0.0)
 
 
-def write_rates(path, along: AlongFlow) -> None:
-    """Write ``rates.csv`` (columns :data:`RATES_COLUMNS`, one row per snapshot) into the run directory ``path``."""
-    with open(Path(path) / "rates.csv", "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(RATES_COLUMNS)
-        for row in along.rows():
-            writer.writerow([repr(row[c]) for c in RATES_COLUMNS])
+def mlsi_ratio(v: np.ndarray, log_pi: np.ndarray, edges: np.ndarray, log_q: np.ndarray) -> tuple[float, np.ndarray]:
+    """``R(u) = E(u, log u) / Ent_pi(u)`` for ``u = exp(v)`` and its gradient ``dR/dv``.
 
-
-def read_rates(path) -> dict[str, np.ndarray] | None:
-    """The columns of ``rates.csv`` in the run directory ``path`` (those its header names), or None if there is none."""
-    file = Path(path) / "rates.csv"
-    if not file.exists():
-        return None
-    with open(file, newline="") as f:
-        rows = list(csv.DictReader(f))
-    return {c: np.array([float(r[c]) for r in rows]) for c in (rows[0].keys() if rows else RATES_COLUMNS)}
-
-
-def optimum_summary(problem, ell: np.ndarray) -> dict:
-    """``summary.json`` keys at ``Q*``: ``predicted_rate_bound`` (§5.3(c) with ``kappa = 1``) and ``lsi_bracket``.
-
-    ``lsi_bracket``: lower = ``min_s`` closed-form bound of ``G*_s``; upper, Poincaré from the slowest state
-    (smallest generator gap ``ell_s``), which bounds the minimum over states from above; ``discrete_factor``
-    (:func:`discrete_factor`). ``predicted_rate_bound = 2 tau C_lo`` (continuum ``C_lo``).
+    ``E(u, log u) = sum_e q_e (u_j - u_k)(v_j - v_k)``; ``Ent_pi(u) = sum_j pi_j u_j (v_j - log S)``,
+    ``S = sum_j pi_j u_j``. ``R`` is invariant under ``v -> v + c`` (``v`` is shifted to ``max v = 0``, so
+    nothing overflows). Returns ``(inf, 0)`` if the entropy is not positive (``u`` constant to round-off).
     """
-    mdp = problem.mdp
-    values, methods = gibbs_lower_bounds(mdp, problem.optimum.Q)
-    slowest = int(np.argmin(ell))
-    b = bracket(mdp.space, log_gibbs_row(mdp, problem.optimum.Q, slowest))
-    low = int(np.argmin(values))
-    theta = min(1.0, float(ell[slowest]) / (mdp.tau * b.poincare))
-    entry = b.as_dict() | {"lower": float(values[low]), "lower_method": LOWER_METHODS[int(methods[low])],
-                           "lower_state": low, "upper_state": slowest, "discrete_factor": theta}
-    return {"predicted_rate_bound": 2.0 * mdp.tau * float(values[low]), "lsi_bracket": entry}
+    v = v - v.max()
+    j, k = edges[:, 0], edges[:, 1]
+    pu = np.exp(log_pi + v)
+    S = float(pu.sum())
+    y = v - math.log(S)
+    ent = float(pu @ y)
+    a_j, a_k = np.exp(log_q + v[j]), np.exp(log_q + v[k])
+    dv = v[j] - v[k]
+    E = float((a_j - a_k) @ dv)
+    if not ent > 1e-13 * S:
+        return math.inf, np.zeros_like(v)
+    R = E / ent
+    dE = np.bincount(j, a_j * dv + (a_j - a_k), v.size) - np.bincount(k, a_k * dv + (a_j - a_k), v.size)
+    return R, (dE - R * pu * y) / ent
 
 
-def state_report(problem, Q: np.ndarray, state: int | None = None) -> dict:
-    """Bracket, Poincaré and generator gap ``ell`` of ``G^Q_s`` at ``state`` (default: the slowest state)."""
-    mdp = problem.mdp
-    ell = diagnostics.generator_gaps(mdp, Q, problem.config.flow.scheme)
-    state = int(np.argmin(ell)) if state is None else state
-    b = bracket(mdp.space, log_gibbs_row(mdp, Q, state))
-    return {"state": state, "ell": float(ell[state]), "tau": mdp.tau} | b.as_dict()
+#: :func:`mlsi_upper` computes the gap eigenfunction (a dense eigen-solve) as a start up to this many states.
+DENSE_START_DOFS = 300
+
+
+@dataclass(frozen=True)
+class MLSIUpper:
+    """Result of :func:`mlsi_upper`: ``value`` (an upper bound of ``rho_0``), the start that gave it, every start."""
+
+    value: float
+    start: str
+    by_start: dict
+
+
+def mlsi_upper(log_pi: np.ndarray, edges: np.ndarray, log_q: np.ndarray, gap: float | None = None,
+               coords: np.ndarray | None = None, seed: int = 0, random_starts: int = 2,
+               maxiter: int = 300) -> MLSIUpper:
+    """Upper bound of ``rho_0``: ``min(2 ell, min over starts of the L-BFGS minimum of`` :func:`mlsi_ratio` ``)``.
+
+    Every value is the ratio of an actual ``u > 0`` (or the limit ``2 ell``), hence an upper bound. Starts for
+    ``v = log u``: small multiples of the gap eigenfunction (dense, up to :data:`DENSE_START_DOFS` states, or
+    whenever ``gap`` is not given), the tilts
+    ``t (-log pi)`` towards the light states (``t = 1/4, 1/2``), exponential tilts ``+-beta . a`` along each
+    coordinate of ``coords`` (``beta = 1/2, 2`` over its standard deviation), and ``random_starts`` Gaussian ones.
+    """
+    m = log_pi.size
+    starts: dict[str, np.ndarray] = {}
+    if gap is None or m <= DENSE_START_DOFS:
+        gap_dense, f = chain_gap(log_pi, edges, log_q)
+        gap = gap_dense if gap is None else min(gap, gap_dense)
+        f = np.clip(f, -1e6, 1e6)
+        starts["1+eps*f"] = np.log1p(0.2 * f / np.max(np.abs(f)))
+    centred = -log_pi - float(np.exp(log_pi) @ -log_pi)
+    for t in (0.25, 0.5):
+        starts[f"pi^-{t}"] = t * centred
+    if coords is not None:
+        x = np.asarray(coords, float).reshape(m, -1)
+        pi = np.exp(log_pi)
+        for i in range(x.shape[1]):
+            xc = x[:, i] - pi @ x[:, i]
+            sd = math.sqrt(max(float(pi @ xc ** 2), 1e-300))
+            for scale in (0.5, 2.0):
+                for sign in (1, -1):
+                    starts[f"exp({sign * scale:g} a_{i} / sd)"] = sign * scale / sd * xc
+    rng = np.random.default_rng(seed)
+    for n in range(random_starts):
+        starts[f"random #{n}"] = rng.normal(size=m)
+    best = ("2 ell (limit u = 1 + eps f)", 2.0 * gap)
+    by_start = {best[0]: best[1]}
+    for label, v0 in starts.items():
+        res = opt.minimize(mlsi_ratio, v0, args=(log_pi, edges, log_q), jac=True, method="L-BFGS-B",
+                           options={"maxiter": maxiter, "ftol": 1e-13, "gtol": 1e-10})
+        value = mlsi_ratio(res.x, log_pi, edges, log_q)[0]  # the ratio of the returned point itself
+        by_start[label] = value
+        if value < best[1]:
+            best = (label, value)
+    return MLSIUpper(value=float(best[1]), start=best[0], by_start=by_start)
+
+
+@dataclass(frozen=True)
+class CertifiedBracket:
+    """``lower <= rho_0 <= upper`` for one state's generator, with ``gap = ell`` and ``log_pi_min = log pi_*``."""
+
+    lower: float
+    upper: float
+    upper_start: str
+    gap: float
+    log_pi_min: float
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def certified_bracket(space: ActionSpace, g: np.ndarray, tau: float, gap: float, scheme: str = "sg",
+                      seed: int = 0) -> CertifiedBracket:
+    """:func:`mlsi_lower` and :func:`mlsi_upper` of the frozen generator of the potential ``g (M,)``.
+
+    ``gap`` is ``ell`` of that generator (:func:`solver.diagnostics.generator_gaps`).
+    """
+    log_pi = log_stationary(space, g)[0]
+    log_q = log_conductances(space, g, tau, scheme)[0]
+    keep = np.isfinite(log_q)
+    upper = mlsi_upper(log_pi, space.edges[keep], log_q[keep], gap, space.coords, seed)
+    lower = float(mlsi_lower(np.array([gap]), np.array([log_pi.min()]))[0])
+    return CertifiedBracket(lower=lower, upper=upper.value, upper_start=upper.start, gap=float(gap),
+                            log_pi_min=float(log_pi.min()))
+
+
+def log_min_masses(space: ActionSpace, g: np.ndarray) -> np.ndarray:
+    """``log pi_* = min_j log(w_j G_j)`` per state for potentials ``g (N, M)``, ``(N,)`` (in chunks of states)."""
+    return budget.by_state_chunks(space, lambda gc: log_stationary(space, gc).min(axis=1), g)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# certified generator gaps along a flow (cheap, warm-started)
+
+#: Relative safety margin applied to gaps from an eigensolver (LAPACK bisection, ARPACK): their error is far below
+#: it (~1e-12 relative), so ``(1 - GAP_SAFETY) ell`` is a lower bound. Sturm-certified gaps need none.
+GAP_SAFETY = 1e-6
+
+#: Weyl steps (2D, :func:`gap_lower_bounds`) are accepted while they lose at most this fraction of the gap (1%:
+#: the certified margins are 20 to 800, so 1% of the bound is immaterial against an eigen-solve per state).
+WEYL_LOSS = 1e-2
+
+#: :class:`GapTracker` keeps the 2D reference matrices of the Weyl step only up to this size.
+REFERENCE_BYTES = 64 * 2 ** 20
+
+#: Warm-start grid (multiples of the previous gap) tested by one Sturm sweep in 1D (:func:`gap_lower_bounds`).
+STURM_GRID = np.array([0.8, 0.9, 0.95, 0.98, 0.99, 0.995, 0.998, 0.999, 0.9995, 1.0, 1.0005, 1.001, 1.002, 1.005,
+                       1.01, 1.02, 1.05, 1.1, 1.25])
+
+
+def symmetrised_generator(space: ActionSpace, g: np.ndarray, tau: float,
+                          scheme: str = "sg") -> tuple[np.ndarray, np.ndarray]:
+    """``S = Pi^{1/2} (-L) Pi^{-1/2}`` of the generators of the potentials ``g (n, M)``: ``(diag (n, M), off (n, E))``,
+    ``S_jj = sum_e q_e / pi_j``, ``S_jk = -q_e / sqrt(pi_j pi_k)`` from the logs (the symmetrisation edge by edge,
+    as :func:`solver.diagnostics.generator_gaps`; nothing under- or overflows)."""
+    g = np.atleast_2d(g)
+    log_pi = log_stationary(space, g)
+    log_q = log_conductances(space, g, tau, scheme)
+    j, k = space.edges[:, 0], space.edges[:, 1]
+    m = space.n_dofs
+    off = -np.exp(log_q - 0.5 * (log_pi[:, j] + log_pi[:, k]))
+    diag = np.exp(log_q - log_pi[:, j]) @ _incidence(j, m) + np.exp(log_q - log_pi[:, k]) @ _incidence(k, m)
+    return diag, off
+
+
+def _incidence(nodes: np.ndarray, m: int) -> sp.csr_matrix:
+    return sp.csr_matrix((np.ones(nodes.size), (np.arange(nodes.size), nodes)), shape=(nodes.size, m))
+
+
+def sturm_counts(diag: np.ndarray, off: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """Number of eigenvalues below ``x (n, K)`` of the symmetric tridiagonal matrices ``(diag (n, M), off (n, M-1))``.
+
+    Sylvester's law of inertia on ``T - x I = L D L^T``: the count is the number of negative pivots
+    ``q_i = d_i - x - off_{i-1}^2 / q_{i-1}``; a zero pivot is replaced by ``-pivmin`` (LAPACK ``dstebz``). In
+    floating point the count is exact for a matrix within a few ulps of ``T`` entrywise (Kahan; Demmel 1997 §5.3).
+    """
+    off2 = off * off
+    pivmin = np.finfo(float).tiny * max(1.0, float(off2.max(initial=0.0)))
+    q = diag[:, :1] - x
+    count = (q < 0).astype(int)
+    for i in range(1, diag.shape[1]):
+        q = np.where(np.abs(q) < pivmin, -pivmin, q)
+        q = (diag[:, i:i + 1] - x) - off2[:, i - 1:i] / q
+        count += q < 0
+    return count
+
+
+def gap_lower_bounds(space: ActionSpace, g: np.ndarray, tau: float, scheme: str = "sg",
+                     previous: np.ndarray | None = None, vectors: np.ndarray | None = None,
+                     reference: tuple | None = None) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+    """Certified lower bounds of the generator gaps ``ell_s`` of the potentials ``g (n, M)``.
+
+    * 1D chain with ``previous (n,)`` (the gaps of the last check): one vectorised Sturm sweep
+      (:func:`sturm_counts`) at ``previous * STURM_GRID``; the largest grid point with at most one eigenvalue
+      below it (the zero eigenvalue) is a lower bound of ``ell`` (within 0.05% of it when ``ell`` moved by less
+      than that). States the grid does not bracket (``ell`` moved by more than -20% / +25%) are recomputed.
+    * 2D with ``reference = (diag, off, ell)`` (the symmetrised matrices at which the lower bounds ``ell`` were
+      computed): Weyl's inequality ``lambda_2(S) >= lambda_2(S_ref) - ||S - S_ref||_2`` with the Gershgorin bound of
+      ``||S - S_ref||_2`` (largest absolute row sum); accepted when it loses at most :data:`WEYL_LOSS`, else
+      recomputed (so near the optimum, where ``Q`` barely moves, no eigen-solve is needed).
+    * Otherwise: ``(1 - GAP_SAFETY)`` times the eigensolver's gap: LAPACK bisection on the tridiagonal matrix
+      (1D), ARPACK shift-invert just below 0 on the sparse ``S`` (2D; the two eigenvalues nearest the shift are
+      0 and ``ell``; started from ``vectors[s]``, the previous eigenvector, if given), dense LAPACK for tiny meshes.
+
+    Returns:
+        ``(ell_lo (n,), eigenvectors (n, M) of S for 2D meshes or None, recomputed (n,) bool)``.
+    """
+    diag, off = symmetrised_generator(space, g, tau, scheme)
+    n, m = diag.shape
+    out = np.full(n, np.nan)
+    chain = space.is_chain
+    j, k = space.edges[:, 0], space.edges[:, 1]
+    if chain and previous is not None:
+        x = np.asarray(previous, float)[:, None] * STURM_GRID[None, :]
+        ok = sturm_counts(diag, off, x) <= 1  # no non-zero eigenvalue below x: ell >= x
+        inside = ok.any(axis=1) & ~ok[:, -1] & np.all(np.isfinite(x), axis=1)
+        last = np.where(inside, ok.shape[1] - 1 - np.argmax(ok[:, ::-1], axis=1), 0)
+        out[inside] = x[inside, last[inside]]
+    elif not chain and reference is not None:
+        d_ref, o_ref, ell_ref = reference
+        d_off = np.abs(off - o_ref)
+        rows = np.abs(diag - d_ref) + d_off @ _incidence(j, m) + d_off @ _incidence(k, m)
+        weyl = ell_ref - rows.max(axis=1)
+        accept = np.isfinite(weyl) & (weyl >= (1.0 - WEYL_LOSS) * ell_ref)
+        out[accept] = weyl[accept]
+    todo = np.flatnonzero(~np.isfinite(out))
+    new_vectors = None if chain else (np.zeros((n, m)) if vectors is None else vectors.copy())
+    for s in todo:
+        if chain:
+            value = sla.eigh_tridiagonal(diag[s], off[s], select="i", select_range=(1, 1), eigvals_only=True)[0]
+        elif m <= 64:
+            S = np.diag(diag[s])
+            S[j, k] = S[k, j] = off[s]
+            values, vecs = sla.eigh(S, subset_by_index=(1, 1))
+            value, new_vectors[s] = values[0], vecs[:, 0]
+        else:
+            S = sp.coo_matrix((np.concatenate([diag[s], off[s], off[s]]),
+                               (np.concatenate([np.arange(m), j, k]), np.concatenate([np.arange(m), k, j]))),
+                              shape=(m, m)).tocsc()
+            shift = -1e-3 * float(np.mean(diag[s]))
+            v0 = vectors[s] if vectors is not None and np.any(vectors[s]) else None
+            values, vecs = spla.eigsh(S, k=2, sigma=shift, which="LM", tol=1e-10, ncv=8, v0=v0)
+            top = int(np.argmax(values))
+            value, new_vectors[s] = float(values[top]), vecs[:, top]
+        out[s] = (1.0 - GAP_SAFETY) * value
+    recomputed = np.zeros(n, bool)
+    recomputed[todo] = True
+    if reference is not None and not chain:  # keep the reference of the accepted states, update the others
+        d_ref, o_ref, ell_ref = reference
+        d_ref[todo], o_ref[todo], ell_ref[todo] = diag[todo], off[todo], out[todo]
+    return out, new_vectors, recomputed
+
+
+class GapTracker:
+    """Certified lower bounds of the generator gaps along a flow (:func:`gap_lower_bounds`, warm-started from
+    the previous call: its gaps in 1D; in 2D its eigenvectors and, while ``N (M + E)`` doubles fit in
+    :data:`REFERENCE_BYTES`, the reference matrices of Weyl's inequality)."""
+
+    def __init__(self, space: ActionSpace, tau: float, scheme: str = "sg"):
+        self.space, self.tau, self.scheme = space, tau, scheme
+        self.previous = self.vectors = None
+        self.reference = None  # 2D: (diag (N, M), off (N, E), ell (N,)) at which ell was computed
+        self.recomputed = 0  # eigen-solves done by the last call
+
+    def __call__(self, g: np.ndarray) -> np.ndarray:
+        """``ell_lo (N,)`` for the potentials ``g (N, M)`` (in chunks of states)."""
+        n = g.shape[0]
+        space = self.space
+        keep = not space.is_chain and 16 * n * (space.n_dofs + space.edges.shape[0]) <= REFERENCE_BYTES
+        parts = budget.chunks(n, 64 * (space.edges.shape[0] + space.n_dofs))
+        ell, vectors, references, recomputed = [], [], [], 0
+        for part in parts:
+            prev = None if self.previous is None else self.previous[part]
+            vec = None if self.vectors is None else self.vectors[part]
+            ref = None if not keep or self.reference is None else tuple(r[part].copy() for r in self.reference)
+            e, v, done = gap_lower_bounds(space, g[part], self.tau, self.scheme, prev, vec, ref)
+            if keep and ref is None:  # every state was computed: its matrices are the reference
+                ref = (*symmetrised_generator(space, g[part], self.tau, self.scheme), e.copy())
+            references.append(ref)
+            ell.append(e)
+            vectors.append(v)
+            recomputed += int(done.sum())
+        self.reference = tuple(np.concatenate(r) for r in zip(*references)) if keep else None
+        self.previous = np.concatenate(ell)
+        self.vectors = None if vectors[0] is None else np.concatenate(vectors)
+        self.recomputed = recomputed
+        return self.previous

@@ -1,29 +1,22 @@
-"""The discretised MDP of math.md §2: state grid, action DOFs, rewards, reference measure, kernel.
+"""The discretised MDP of theory.md §2: state grid, action DOFs, rewards, reference measure, kernel.
 
 Arrays (``N`` states, ``M`` action DOFs):
 
 * ``reward``: ``R_ij = r(s_i, a_j)``, ``(N, M)``;
 * ``log_mu``: ``log mu(a_j)``, ``(M,)`` (reference measure: Lebesgue, or the untruncated ``N(0, std^2)``
-  density restricted to the action domain, math.md §8.2);
+  density restricted to the action domain, theory.md §8.2);
 * ``kernel``: ``T_ijk = P(s_k | s_i, a_j)``, a Gaussian centred at ``f(s_i, a_j)`` restricted to the state
   grid and renormalised; the full ``N x M x N`` tensor is never built.
 
   - 1D grid (:class:`GaussianGridKernel`): one window of ``L`` consecutive states per ``(i, j)``, ``8 N M L``
-    bytes, ``L = min(N, 2 ceil(9 sigma / h) + 1)``.
+    bytes, ``L = min(N, 2 ceil(9 sigma / h) + 1)``; ``T V`` by interpolation over a grid of means where that is
+    exact to 1e-12 and cheaper (:class:`MeanInterpolation`, ``~120 N M`` bytes more).
   - 2D grid ``nx x ny`` (:class:`GaussianGridKernel2D`): the tensor product of two 1D windows per ``(i, j)``,
     ``8 N M (Lx + Ly)`` bytes if that fits in :data:`WINDOW_STORE_BYTES` (512 MiB), else recomputed in chunks from
     the means (``16 N M`` bytes).
-* ``rho``: initial-state distribution, uniform on the grid (math.md §8.4).
+* ``rho``: initial-state distribution, uniform on the grid (theory.md §8.4).
 
-Memory of a run on a 2D state grid (:func:`memory_estimate`; an upper bound of the measured peak, tested)::
-
-    176 MiB + 8 N M (13 + [Lx + Ly if stored]) + 12 N bx by + 192 MiB
-
-with ``13`` policy-sized arrays alive at the peak (:data:`POLICY_ARRAYS`), ``bx, by`` the per-state bands of
-``P^pi`` (``L`` plus the spread of the next-state means over the actions, in grid steps), two 64 MiB chunk
-workspaces and the snapshots' 64 MiB. 101 x 101 states x 1013 action DOFs with ``sigma / h = 2.5`` (``L = 47``,
-band 57): 1.73 GiB by the formula (``benchmarks/bench_memory.py`` prints the measured peak; README "2D state
-grids").
+Memory budgets and the memory formula of a run live in :mod:`solver.budget`.
 """
 
 from __future__ import annotations
@@ -34,58 +27,15 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.sparse as sp
 
+from . import budget
 from .config import ConfigError
 from .fem import ActionSpace
+from .interp_kernel import InterpolationKernel
 from .models import Model
 
 #: Kernel windows reach 9 standard deviations: the Gaussian weight beyond is < exp(-40.5) ~ 3e-18,
 #: below double-precision round-off relative to the window's peak.
 KERNEL_REACH = 9.0
-
-#: Largest dense per-state band of the kernel (``N * M * band`` doubles) kept for BLAS products; larger
-#: kernels use the windowed storage alone.
-DENSE_BAND_BYTES = 256 * 2 ** 20
-
-#: 2D state grids: largest storage of the kernel's two 1D windows per (state, action), ``8 N M (Lx + Ly)``
-#: bytes; above it only the means ``f_ij`` are kept and the windows are recomputed in every call.
-WINDOW_STORE_BYTES = 512 * 2 ** 20
-
-#: 2D state grids: working memory of one chunk of states in ``expect`` / ``policy_matrix``.
-KERNEL_CHUNK_BYTES = 64 * 2 ** 20
-
-
-def window_bytes(n_states: int, n_actions: int, lx: int, ly: int) -> int:
-    """Bytes of the stored window values of a 2D-grid kernel: ``8 N M (Lx + Ly)``."""
-    return 8 * n_states * n_actions * (lx + ly)
-
-
-#: Arrays of ``N x M`` doubles alive at the peak of a WPG step, counted while a new policy is evaluated: the
-#: reward, the next-state means (2 for a 2D grid), the window starts (two int32), ``pi*`` and ``Q*`` (6); the
-#: previous flow state, kept until the new one is valid (``p``, ``Q``, ``g``: 3); the new masses and policy (2);
-#: in policy evaluation the masses and the new ``Q`` (2). Chunk temporaries are in :data:`KERNEL_CHUNK_BYTES`.
-POLICY_ARRAYS = 13
-
-#: Interpreter, numpy/scipy/DOLFINx/matplotlib, the action mesh and the plots, bytes (a whole run on 3 x 3
-#: states peaks at 170 MiB).
-BASE_BYTES = 176 * 2 ** 20
-
-
-def memory_estimate(n_states: int, n_actions: int, width: tuple[int, int], band: tuple[int, int],
-                    stored: bool) -> int:
-    """Peak memory of a WPG run on a 2D state grid, bytes: the formula of the module docstring.
-
-    ``BASE + 8 N M (POLICY_ARRAYS + [Lx + Ly if the windows are stored]) + 12 N bx by + 3 x 64 MiB``:
-    policy-sized arrays, the kernel's windows, one ``P^pi`` in CSR (a double and an int32 per non-zero; the flow
-    frees the previous one before it builds the next), the chunk workspaces of the kernel and of the flow step,
-    and the snapshots' policies.
-    """
-    from .flows import SOLVE_CHUNK_BYTES  # (flows and outputs import this module)
-    from .outputs import SNAPSHOT_BYTES
-
-    per_policy = 8 * n_states * n_actions
-    windows = window_bytes(n_states, n_actions, *width) if stored else 0
-    return (BASE_BYTES + POLICY_ARRAYS * per_policy + windows + 12 * n_states * band[0] * band[1]
-            + KERNEL_CHUNK_BYTES + SOLVE_CHUNK_BYTES + SNAPSHOT_BYTES)
 
 
 def chunk_doubles(bx: int, by: int, lx: int, ly: int) -> int:
@@ -144,19 +94,87 @@ def window_values(grid: np.ndarray, mean: np.ndarray, start: np.ndarray, width: 
     return values
 
 
+#: ``(T V)(f)`` is interpolated from a grid of means of spacing ``sigma / MEAN_GRID_PER_SIGMA`` ...
+MEAN_GRID_PER_SIGMA = 24
+#: ... by Lagrange interpolation of this degree (10 equispaced nodes per mean) ...
+INTERPOLATION_DEGREE = 9
+#: ... when the interpolated operator is within this of the windowed one in the row-sum (infinity) norm, so that
+#: ``|Q_interp - Q_windows| <= gamma * INTERPOLATION_TOLERANCE * max |V|`` (measured 9.5e-15 on lqr_1d).
+INTERPOLATION_TOLERANCE = 1e-12
+
+
+class MeanInterpolation:
+    """``(T V)_ij = sum_k T_ijk V_k`` by interpolating the smooth function ``F(f) = sum_k T(f)_k V_k`` at ``f_ij``.
+
+    ``T(f)`` is the grid Gaussian of mean ``f`` renormalised over the grid (:class:`GaussianGridKernel`): an
+    analytic function of ``f`` (the window cut-off at ``KERNEL_REACH`` sigmas changes it by < 1e-17, and the
+    window shift at the grid ends only moves which points are kept, not the sum), varying on the scale ``sigma``.
+    So ``F`` on a uniform grid ``phi_g`` of means with spacing ``delta = sigma / MEAN_GRID_PER_SIGMA``
+    (``T_fine``, ``(G, N)`` CSR, one window per fine mean) and Lagrange interpolation of degree ``p`` at each
+    ``f_ij`` (``W``, ``(N M, G)`` CSR, ``p + 1`` weights per row) give ``T ~ W T_fine`` with an error
+    ``O((delta / sigma)^{p+1})``. Cost of ``T V``: ``G L + N M (p + 1)`` instead of ``N M L``.
+
+    The construction measures ``err = max_row sum_k |(W T_fine - T)_row,k|`` (the exact bound of
+    ``max |T_interp V - T V| / max |V|`` over all ``V``); :attr:`error` holds it.
+    """
+
+    def __init__(self, states: np.ndarray, mean: np.ndarray, sigma: float, windowed: sp.csr_matrix):
+        p = INTERPOLATION_DEGREE
+        delta = sigma / MEAN_GRID_PER_SIGMA
+        lo = math.floor((float(mean.min()) - states[0]) / delta) - p
+        hi = math.ceil((float(mean.max()) - states[0]) / delta) + p
+        fine = states[0] + delta * np.arange(lo, hi + 1)
+        start, width = window_starts(states, fine, sigma)
+        values = window_values(states, fine, start, width, sigma)
+        g = fine.size
+        self.fine = sp.csr_matrix((values.ravel(), (start[:, None] + np.arange(width)).ravel(),
+                                   np.arange(0, g * width + 1, width)), shape=(g, states.size))
+        x = (mean.ravel() - fine[0]) / delta  # positions in units of delta
+        first = np.clip(np.floor(x).astype(np.int64) - (p - 1) // 2, 0, g - p - 1)
+        nodes = first[:, None] + np.arange(p + 1)
+        weights = np.ones(nodes.shape)
+        for a in range(p + 1):  # Lagrange basis on the equispaced nodes first + 0..p
+            for b in range(p + 1):
+                if a != b:
+                    weights[:, a] *= (x - nodes[:, b]) / (a - b)
+        self.weights = sp.csr_matrix((weights.ravel(), nodes.ravel(), np.arange(0, x.size * (p + 1) + 1, p + 1)),
+                                     shape=(x.size, g))
+        # in chunks of rows: the product has as many non-zeros as the windows themselves
+        rows = max(1, budget.KERNEL_CHUNK_BYTES // (24 * (width + p + 1)))
+        self.error = max(float(abs(self.weights[a:a + rows] @ self.fine - windowed[a:a + rows]).sum(axis=1).max())
+                         for a in range(0, x.size, rows))
+        self._row_blocks: dict[tuple[int, int], sp.csr_matrix] = {}
+
+    def expect(self, V: np.ndarray, m: int, rows: slice | None = None) -> np.ndarray:
+        """``(T V)`` of the rows (states) ``rows`` (all if None), shape ``(states, m)``."""
+        F = self.fine @ V
+        if rows is None:
+            return (self.weights @ F).reshape(-1, m)
+        block = self._row_blocks.get((rows.start, rows.stop))
+        if block is None:
+            block = self.weights[rows.start * m:rows.stop * m]
+            self._row_blocks = {(rows.start, rows.stop): block}
+        return (block @ F).reshape(-1, m)
+
+
 class GaussianGridKernel:
     """``T_ijk ∝ exp(-(s_k - f_ij)^2 / (2 sigma^2))`` on a uniform 1D grid, renormalised over the grid.
 
     Each row ``(i, j)`` keeps the ``L`` consecutive grid states nearest to ``f_ij`` (:func:`window_starts`);
     the weights outside the window are below round-off (:func:`window_values`).
 
+    ``T V`` (hence ``Q = R + gamma T V``) is computed by :class:`MeanInterpolation` when that is cheaper and its
+    measured operator error is within :data:`INTERPOLATION_TOLERANCE` (attribute :attr:`interpolation`, None
+    otherwise); ``interpolate=False`` keeps the windowed product (the reference path, tests/test_fast_paths.py).
+
     Args:
         states: ``(N,)`` uniform grid.
         mean: ``(N, M)`` next-state means ``f(s_i, a_j)``.
         sigma: noise standard deviation.
+        interpolate: allow :class:`MeanInterpolation` for ``T V``.
     """
 
-    def __init__(self, states: np.ndarray, mean: np.ndarray, sigma: float):
+    def __init__(self, states: np.ndarray, mean: np.ndarray, sigma: float, interpolate: bool = True):
         n = states.size
         self.shape = mean.shape + (n,)
         start, width = window_starts(states, mean, sigma)
@@ -175,7 +193,7 @@ class GaussianGridKernel:
         self._band = band
         self._band_cols = (lo[:, None] + np.arange(band)).ravel()
         local = cols - lo[:, None, None]
-        if values.size * band / width * 8 <= DENSE_BAND_BYTES:
+        if values.size * band / width * 8 <= budget.DENSE_BAND_BYTES:
             # Small problems (all of 1D): scatter the windows into a dense (N, M, band) array once; the
             # contraction over actions is then one einsum instead of a scatter-add.
             self._dense = np.zeros(mean.shape + (band,))
@@ -183,9 +201,18 @@ class GaussianGridKernel:
         else:
             self._dense = None
             self._scatter = (np.arange(mean.shape[0])[:, None, None] * band + local).ravel()
+        self.interpolation = None
+        if interpolate and n > 1 and width > INTERPOLATION_DEGREE + 1:
+            span = (float(mean.max()) - float(mean.min())) * MEAN_GRID_PER_SIGMA / sigma + 2 * INTERPOLATION_DEGREE
+            if span * width + mean.size * (INTERPOLATION_DEGREE + 1) < 0.5 * mean.size * width:  # worth it
+                candidate = MeanInterpolation(states, mean, sigma, self.matrix)
+                if candidate.error <= INTERPOLATION_TOLERANCE:
+                    self.interpolation = candidate
 
     def expect(self, V: np.ndarray, rows: slice | None = None) -> np.ndarray:
         """``(T V)_ij = sum_k T_ijk V_k``, shape ``(N, M)``; only the states ``rows`` (a slice) if given."""
+        if self.interpolation is not None:
+            return self.interpolation.expect(V, self.shape[1], rows)
         if rows is None:
             return (self.matrix @ V).reshape(self.shape[:2])
         m = self.shape[1]
@@ -259,8 +286,8 @@ class GaussianGridKernel2D:
         self.band = tuple(band)
         self._lo = tuple(np.minimum(low, axis.size - b) for low, axis, b in zip(lo, axes, band))
         m, (bx, by), (lx, ly) = mean.shape[1], band, widths
-        self.chunk = max(1, KERNEL_CHUNK_BYTES // (8 * m * chunk_doubles(bx, by, lx, ly)))
-        if window_bytes(*self.shape[:2], lx, ly) <= WINDOW_STORE_BYTES:
+        self.chunk = max(1, budget.KERNEL_CHUNK_BYTES // (8 * m * chunk_doubles(bx, by, lx, ly)))
+        if budget.window_bytes(*self.shape[:2], lx, ly) <= budget.WINDOW_STORE_BYTES:
             self._mean = None
             self._values = tuple(np.empty(mean.shape[:2] + (w,)) for w in widths)
             for d, axis in enumerate(axes):  # chunk by chunk: no full-size temporaries
@@ -335,7 +362,7 @@ class GaussianGridKernel2D:
 
 @dataclass(frozen=True)
 class MDP:
-    """A discretised entropy-regularised MDP (math.md §2). See the module docstring for the arrays."""
+    """A discretised entropy-regularised MDP (theory.md §2). See the module docstring for the arrays."""
 
     states: np.ndarray
     space: ActionSpace
@@ -392,6 +419,8 @@ def build_mdp(model: Model, states: np.ndarray, space: ActionSpace, gamma: float
         kernel = GaussianGridKernel(states, np.zeros((n, space.n_dofs)) + states[:, None], 1.0)
     elif states.ndim == 2:
         kernel = GaussianGridKernel2D(grid_axes(states), _full(model.dynamics(s, a), reward.shape + (2,)), model.sigma)
+    elif model.sigma == 0:  # deterministic dynamics: V interpolated at f(s, a) (solver.interp_kernel)
+        kernel = InterpolationKernel(states, _full(model.dynamics(s, a), reward.shape), model.interpolation)
     else:
         kernel = GaussianGridKernel(states, _full(model.dynamics(s, a), reward.shape), model.sigma)
     rho = np.full(n, 1.0 / n)

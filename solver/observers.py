@@ -42,6 +42,24 @@ class Observer:
         """``summary.json`` keys this observer contributes (called after :meth:`finish`)."""
         return {}
 
+    def checkpoint_state(self) -> dict:
+        """Arrays that :meth:`resume` needs to continue exactly (written into ``checkpoint.npz``)."""
+        return {}
+
+    def restore_state(self, data: dict) -> None:
+        """Inverse of :meth:`checkpoint_state`."""
+
+    def resume(self, rows: list[dict], data: dict) -> None:
+        """Before :meth:`start` of a resumed run: ``rows`` are the history rows up to the checkpoint, ``data`` this
+        observer's :meth:`checkpoint_state` there. The default advances the observer's ``schedule`` (if any) over
+        the times already seen, as the uninterrupted run did, and restores ``data``."""
+        schedule = getattr(self, "schedule", None)
+        if isinstance(schedule, Schedule):
+            for row in rows:
+                schedule.due(row["t"])
+        if data:
+            self.restore_state(data)
+
 
 class Schedule:
     """When a periodic observer acts: at ``t = 0``, then at ``count - 1`` geometrically spaced times up to ``t_end``.
@@ -73,11 +91,17 @@ class HistoryCSV(Observer):
     def __init__(self, path: Path):
         self.path = Path(path) / "history.csv"
         self._file = None
+        self._replay: list[dict] = []
+
+    def resume(self, rows: list[dict], data: dict) -> None:
+        self._replay = rows  # rewritten at start: the file then holds exactly the rows up to the checkpoint
 
     def start(self, problem) -> None:
         self._file = open(self.path, "w", newline="")
         self._writer = csv.writer(self._file)
         self._writer.writerow(HISTORY_COLUMNS)
+        for row in self._replay:
+            self.observe(row, None)
 
     def observe(self, row: dict, state: FlowState) -> None:
         self._writer.writerow([repr(float(row[c])) for c in HISTORY_COLUMNS])
@@ -105,6 +129,14 @@ class Snapshots(Observer):
     def observe(self, row: dict, state: FlowState) -> None:
         if self.schedule.due(state.t):
             self._keep(state)
+
+    def checkpoint_state(self) -> dict:
+        return {"times": np.array(self.times, dtype=float), "policies": np.array(self.policies),
+                "values": np.array(self.values)}
+
+    def restore_state(self, data: dict) -> None:
+        self.times = [float(t) for t in data["times"]]
+        self.policies, self.values = list(data["policies"]), list(data["values"])
 
     def finish(self, result) -> None:
         state = result.final

@@ -1,8 +1,8 @@
-"""Closed forms the solver is checked against (math.md §7). Independent of the discretisation.
+"""Closed forms the solver is checked against (theory.md §7). Independent of the discretisation.
 
-* :func:`lqr_optimum`: discounted entropy-regularised scalar LQR (math.md §7.1);
-* :func:`ou_moments` and :func:`ou_gap`: the one-state (bandit) Ornstein-Uhlenbeck flow (math.md §7.3);
-* :func:`lqr2_optimum`: scalar state, action in R^2 (derived like math.md §7.1, see its docstring);
+* :func:`lqr_optimum`: discounted entropy-regularised scalar LQR (theory.md §7.1);
+* :func:`ou_moments` and :func:`ou_gap`: the one-state (bandit) Ornstein-Uhlenbeck flow (theory.md §7.3);
+* :func:`lqr2_optimum`: scalar state, action in R^2 (derived like theory.md §7.1, see its docstring);
 * :func:`ou2_moments` and :func:`ou2_gap`: the isotropic 2D Ornstein-Uhlenbeck bandit;
 * :func:`lqr_state2_optimum`: state and action in R^2 (a discounted discrete algebraic Riccati equation).
 """
@@ -39,7 +39,7 @@ class LQROptimum:
 
 def lqr_optimum(A: float, B: float, q: float, r: float, sigma: float, gamma: float, tau: float,
                 reference_std: float | None = None) -> LQROptimum:
-    """Closed-form optimum of math.md §7.1 (Lebesgue reference if ``reference_std`` is None, else Gaussian).
+    """Closed-form optimum of theory.md §7.1 (Lebesgue reference if ``reference_std`` is None, else Gaussian).
 
     >>> round(lqr_optimum(0.9, 0.5, 1.0, 0.5, 0.3, 0.9, 1.0).P, 10)
     1.702810101
@@ -88,7 +88,7 @@ class LQR2Optimum:
         """Asymptotic WPG gap rate ``4 lambda_min(alpha)``; ``2 log(1 + 2 lambda_min dt) / dt`` for implicit Euler.
 
         The Gibbs policy has precision ``2 alpha / tau``; its slowest mean mode relaxes at ``2 lambda_min(alpha)``
-        and ``J* - J`` is quadratic in it (math.md §7.2, per eigendirection of ``alpha``).
+        and ``J* - J`` is quadratic in it (theory.md §7.2, per eigendirection of ``alpha``).
         """
         lam = float(np.linalg.eigvalsh(self.alpha)[0])
         return 4 * lam if dt is None else 2 * math.log1p(2 * lam * dt) / dt
@@ -102,7 +102,7 @@ def lqr2_optimum(A: float, B, q: float, r, sigma: float, gamma: float, tau: floa
                  reference_std: float | None = None) -> LQR2Optimum:
     """Closed-form optimum for ``s' = A s + b . a + sigma xi``, ``r = -(q s^2 + a^T R a)``, ``a`` in R^2.
 
-    Derivation (as math.md §7.1, ansatz ``V*(s) = -P s^2 + c``)::
+    Derivation (as theory.md §7.1, ansatz ``V*(s) = -P s^2 + c``)::
 
         Q*(s, a) = -q s^2 - a^T R~ a - gamma P (A s + b.a)^2 - gamma P sigma^2 + gamma c + c_mu
                  = -a^T alpha a - 2 gamma P A s b.a + (terms without a),     alpha = R~ + gamma P b b^T,
@@ -115,7 +115,7 @@ def lqr2_optimum(A: float, B, q: float, r, sigma: float, gamma: float, tau: floa
     ``R~ = R``, ``c_mu = 0``. Sherman-Morrison, ``b^T alpha^{-1} b = beta / (1 + gamma P beta)`` with
     ``beta = b^T R~^{-1} b``, turns the Riccati equation into the quadratic
     ``gamma beta P^2 + (1 - gamma A^2 - gamma q beta) P - q = 0``, whose root ``P >= 0`` is taken in the
-    cancellation-free form. (For ``b = (B, 0)`` this is math.md §7.1 with ``r~``.)
+    cancellation-free form. (For ``b = (B, 0)`` this is theory.md §7.1 with ``r~``.)
 
     Args:
         A: scalar state coefficient.
@@ -157,7 +157,7 @@ def ou2_moments(t: float, k: float, center, tau: float, m0, v0) -> tuple[np.ndar
     ``d_t p = div(k (a - center) p) + tau Lap p``: ``m' = -k (m - center)``, ``V' = -2 k V + 2 tau I``, so
     ``m(t) = center + (m0 - center) e^{-kt}`` and ``V(t) = (tau/k) I + (v0 - (tau/k) I) e^{-2kt}``
     (``v0`` a number means ``v0 I``). With the Gaussian reference ``N(0, std^2 I)`` pass
-    ``k~ = k + tau/std^2`` and ``center~ = k center / k~`` (math.md §7.3).
+    ``k~ = k + tau/std^2`` and ``center~ = k center / k~`` (theory.md §7.3).
     """
     c = np.asarray(center, dtype=float)
     mean = c + (np.asarray(m0, dtype=float) - c) * math.exp(-k * t)
@@ -213,7 +213,7 @@ def lqr_state2_optimum(A, B, q: float, r, sigma: float, gamma: float, tau: float
     ``(sqrt(gamma) A, sqrt(gamma) B, q I, R~)``, solved by :func:`scipy.linalg.solve_discrete_are`. The
     isotropic noise contributes ``sigma^2 tr P``: ``c = (-gamma sigma^2 tr P + (tau/2) log det(2 pi Sigma) + c_mu)
     / (1 - gamma)``; ``R~`` and ``c_mu`` as in :func:`lqr2_optimum`. For diagonal ``A``, ``B`` and ``R`` the
-    problem splits into two scalar ones: ``V* = V*_1(s_1) + V*_2(s_2)`` (math.md §7.1 per axis).
+    problem splits into two scalar ones: ``V* = V*_1(s_1) + V*_2(s_2)`` (theory.md §7.1 per axis).
 
     Args:
         A: a number (``A I``) or a 2x2 matrix.

@@ -4,13 +4,18 @@ Design (one rank = one block of states; the action mesh is replicated per rank, 
 in :mod:`solver.fem`; every rank builds the same MDP and solves for ``pi*`` by itself):
 
 * **Own block** (rows ``lo:hi`` of every ``(N, ...)`` array, :attr:`Partition.rows`): the policy reward
-  ``r^pi`` and the rows of ``P^pi`` (math.md §2), the rows of ``Q = R + gamma T V``, the implicit Euler step
-  of the flow (math.md §3, :func:`solver.flows.implicit_step` on a block of states) and the statewise
+  ``r^pi`` and the rows of ``P^pi`` (theory.md §2), the rows of ``Q = R + gamma T V``, the implicit Euler step
+  of the flow (theory.md §3, :func:`solver.flows.implicit_step` on a block of states) and the statewise
   diagnostics ``D^h`` and ``KL(pi_s || G_s)``. These are the ``O(N M L)`` and ``O(N M)`` parts of a step.
 * **Gathered** (``MPI_Allgatherv``, so every rank holds the full array): ``r^pi`` ``(N,)``, ``P^pi`` (CSR rows),
   the new masses ``(N, M)`` (every rank holds the full policy), ``Q`` ``(N, M)`` and ``D^h`` ``(N,)``.
 * **Replicated**: the LU of ``I - gamma P^pi`` (``N x N``) and the solves for ``V`` and the adjoint
-  ``(I - gamma P^pi)^{-T} rho``: ``O(N^3)`` once per step, cheap next to the ``O(N M L)`` row work.
+  ``(I - gamma P^pi)^{-T} rho``: ``O(N^3)`` once per step, cheap next to the ``O(N M L)`` row work (run on one
+  BLAS thread, :func:`single_threaded_blas`). On 2D state grids above ``bellman.DENSE_STATES`` states (GMRES when
+  serial) the system is **distributed** instead: each rank's rows of ``P^pi`` go into a PETSc matrix, PETSc's
+  GMRES solves it, and only ``V`` is gathered (:class:`solver.bellman.DistributedResolvent`).
+* **BLAS threads**: a partition of ``K > 1`` ranks caps each rank at ``cores // K`` BLAS threads
+  (:func:`limit_blas_threads`), so that the ranks do not oversubscribe the node.
 * Each row is computed by the same operations as in the serial run (row slices of the same arrays, and
   block-diagonal per-state solves), so MPI results equal serial ones to round-off (tests/test_mpi.py).
 * Control decisions (adaptive step acceptance, ``gap <= gap_tol``) use values reduced over, or broadcast
@@ -66,6 +71,8 @@ class Partition:
         self.counts = np.full(self.size, n // self.size) + (np.arange(self.size) < n % self.size)
         self.starts = np.concatenate([[0], np.cumsum(self.counts)[:-1]])
         self.rows = slice(int(self.starts[self.rank]), int(self.starts[self.rank] + self.counts[self.rank]))
+        if self.size > 1:
+            limit_blas_threads(max(1, (os.cpu_count() or 1) // self.size))
 
     @property
     def serial(self) -> bool:
@@ -115,6 +122,92 @@ def _mpi():
     from mpi4py import MPI
 
     return MPI
+
+
+#: Dense LAPACK/BLAS work on matrices with at most this many rows runs on one BLAS thread
+#: (:func:`single_threaded_blas`): OpenBLAS's threads cost more than they save there (measured on 2 cores: the
+#: 121 x 121 LU of lqr_1d takes 4.1 ms with 2 threads, 0.40 ms with one; README "Performance").
+SMALL_BLAS_ROWS = 2000
+
+_BLAS = []  # [threadpoolctl controller of the BLAS libraries or None, then its _OneThread], built on first use
+
+
+def limit_blas_threads(threads: int) -> None:
+    """Cap the BLAS threads of this process for good (an MPI rank: ``cores // ranks``, so that ``K`` ranks with
+    OpenBLAS's default of one thread per core do not oversubscribe the node; measured on 2 cores: 2 ranks x 2
+    threads made ``mpirun -n 2`` 2.9x slower than one rank). A no-op without threadpoolctl."""
+    controller = _controller()
+    if controller is not None:
+        controller.limit(limits=threads, user_api="blas")  # not restored: the limit lasts as long as the process
+
+
+def _controller():
+    """The threadpoolctl controller of the BLAS libraries (built once), or None without threadpoolctl."""
+    if not _BLAS:
+        try:
+            import threadpoolctl
+
+            controller = threadpoolctl.ThreadpoolController()
+            controller = controller.select(user_api="blas")
+            _BLAS.append(controller if controller.lib_controllers else None)
+        except ImportError:
+            _BLAS.append(None)
+    return _BLAS[0]
+
+
+def single_threaded_blas(rows: int = 0):
+    """A context manager running the BLAS calls inside it on one thread if ``rows <= SMALL_BLAS_ROWS``.
+
+    Uses threadpoolctl (Debian's python3-threadpoolctl) when it is installed, and does nothing otherwise (the
+    results are the same to round-off either way: the thread count only changes the blocking of the sums).
+    About 2 us per use.
+    """
+    import contextlib
+
+    if rows > SMALL_BLAS_ROWS:
+        return contextlib.nullcontext()
+    controller = _controller()
+    if controller is None:
+        return contextlib.nullcontext()
+    if len(_BLAS) == 1:
+        _BLAS.append(_OneThread.functions(controller.lib_controllers))
+    return _OneThread(_BLAS[1])
+
+
+class _OneThread:
+    """One thread in each BLAS library for the ``with`` block, then the previous counts.
+
+    threadpoolctl's ``limit`` and its controllers' ``set_num_threads`` re-filter or re-resolve on every use
+    (measured 27-50 us a pair); for OpenBLAS the two C functions are resolved once from the library file
+    threadpoolctl found (0.5 us a pair), other BLAS libraries go through their threadpoolctl controller.
+    """
+
+    def __init__(self, pairs: list[tuple]):
+        self.pairs = pairs
+
+    @staticmethod
+    def functions(libraries) -> list[tuple]:
+        """``(get, set)`` of the thread count of each library (resolved once, by :func:`single_threaded_blas`)."""
+        pairs = []
+        for lib in libraries:
+            if lib.internal_api == "openblas" and lib.filepath:
+                import ctypes
+
+                so = ctypes.CDLL(lib.filepath)
+                pairs.append((so.openblas_get_num_threads, so.openblas_set_num_threads))
+            else:
+                pairs.append((lib.get_num_threads, lib.set_num_threads))
+        return pairs
+
+    def __enter__(self):
+        self.previous = [get() for get, _ in self.pairs]
+        for _, set_threads in self.pairs:
+            set_threads(1)
+
+    def __exit__(self, *exc):
+        for (_, set_threads), threads in zip(self.pairs, self.previous):
+            set_threads(threads)
+        return False
 
 
 def world_comm():

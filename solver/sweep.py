@@ -2,14 +2,16 @@
 
 The grid ``kinds x values`` of one numeric config key runs as independent runs in parallel worker processes
 (:class:`concurrent.futures.ProcessPoolExecutor`, at most ``min(--jobs, os.cpu_count())`` workers). Each run
-goes through :func:`solver.cli.execute`, the code path of ``wpgflow run``, so every run directory is a normal
+goes through :func:`solver.runner.execute`, the code path of ``wpgflow run``, so every run directory is a normal
 one. Without ``--param`` / ``--kinds`` the config's ``[sweep]`` table (``param``, ``values``, ``kinds``) is
 used; without kinds there, the config's ``flow.kind``. Layout of the sweep directory ``DIR``::
 
     DIR/<kind>/<key>=<value>/   one run directory per grid point (config.toml, history.csv, summary.json, ...)
     DIR/sweep.csv               one row per run, columns SWEEP_COLUMNS, in grid order (kinds, then values)
-    DIR/sweep.png               measured rate against the swept value for each kind, with the prediction
-                                (and, for mdp.tau, the Arrhenius plot: log rate against 1/tau)
+    DIR/sweep.png               measured rate against the swept value for each kind, with the prediction, and
+                                the relative error; for an mdp.tau sweep of a barrier model also the Arrhenius
+                                plot with the fitted barrier and the Eyring-Kramers rate
+                                (:func:`solver.plots.plot_sweep`)
 
 ``sweep.csv`` columns (empty cell = not available):
 
@@ -18,11 +20,16 @@ used; without kinds there, the config's ``flow.kind``. Layout of the sweep direc
   run was rejected before it started: :class:`ConfigError` or a failed SPI; the message goes to stderr),
   or ``interrupted`` (Ctrl-C before the run finished);
 * ``measured_rate``, ``rate_r2``: the fitted linear rate of ``J* - J`` and its ``r^2`` (``rate``, ``rate_r2``
-  of ``summary.json``; fit window math.md §8.6);
+  of ``summary.json``; fit window theory.md §8.6);
 * ``predicted_rate``: ``summary.json``'s ``predicted_rate``, the theory's asymptotic rate for this run's
-  flow kind and time step (math.md §5.3(e), §6);
+  flow kind and time step (theory.md §5.3(e), §6);
 * ``steps``, ``t_final``, ``wall_time_s``: from ``summary.json`` (``wall_time_s`` = set-up + flow loop);
-* ``run_dir``: the run directory relative to ``DIR``.
+* ``run_dir``: the run directory relative to ``DIR``;
+* then the ``summary.json`` numbers :data:`SUMMARY_COLUMNS` under their summary names (``ell_min``, ``J_star``,
+  ``gap_initial``, ``gap_final``, ``monotone`` as ``True``/``False``, ``max_decrease``, ``max_mass_error``,
+  ``min_density``, and where the summary has them ``rate_status``, ``predicted_rate_excited``,
+  ``certified_status``, ``certified_margin``, ``rate_verdict``, ``rate_local_last``). The other timings stay in
+  the runs' ``summary.json``, so that every cell but ``wall_time_s`` is deterministic.
 
 Every combination is validated (config schema, model parameters, state grid) before any run starts, and
 nothing is overwritten without ``--force``. Results do not depend on ``--jobs`` or on the order in which
@@ -47,12 +54,25 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from . import config as config_module
+from . import config as config_module, flows
 from .bellman import ConvergenceError
 from .config import ConfigError
 
 SWEEP_COLUMNS = ("kind", "param", "value", "status", "measured_rate", "rate_r2", "predicted_rate", "steps",
-                 "t_final", "wall_time_s", "run_dir")
+                 "t_final", "wall_time_s", "run_dir", "rate_status", "predicted_rate_excited", "ell_min", "J_star",
+                 "gap_initial", "gap_final", "monotone", "max_decrease", "max_mass_error", "min_density",
+                 "certified_status", "certified_margin", "rate_verdict", "rate_local_last")
+
+#: ``summary.json`` keys copied into ``sweep.csv`` under their own names (a key the summary lacks: empty cell).
+#: Timings other than ``wall_time_s`` stay in each run's ``summary.json``: every other cell is deterministic.
+SUMMARY_COLUMNS = ("rate_status", "predicted_rate_excited", "ell_min", "J_star", "gap_initial", "gap_final",
+                   "monotone", "max_decrease", "max_mass_error", "min_density", "certified_status", "certified_margin",
+                   "rate_verdict", "rate_local_last")
+
+#: Columns :func:`read_csv` returns as floats; ``steps`` is an int and ``monotone`` a bool.
+NUMERIC_COLUMNS = ("value", "measured_rate", "rate_r2", "predicted_rate", "t_final", "wall_time_s",
+                   "predicted_rate_excited", "ell_min", "J_star", "gap_initial", "gap_final", "max_decrease",
+                   "max_mass_error", "min_density", "certified_margin", "rate_local_last")
 
 #: Statuses of a run that completed normally (the exit code is 0 only if every run has one of these).
 OK_STATUSES = ("converged", "t_end")
@@ -86,7 +106,7 @@ def parse_param(text: str) -> tuple[str, list]:
     """``"mdp.tau=0.05,0.1,1"`` -> ``("mdp.tau", [0.05, 0.1, 1])``; each value is a TOML number."""
     key, sep, rest = text.partition("=")
     key = key.strip()
-    if not sep or config_module._dotted_key(key) is not None:
+    if not sep or config_module.dotted_key_problem(key) is not None:
         raise ConfigError(f"--param {text!r}: expected KEY=V1,V2,... with a dotted key such as mdp.tau=0.1,0.2")
     values = []
     for item in rest.split(","):
@@ -103,11 +123,11 @@ def parse_param(text: str) -> tuple[str, list]:
 
 
 def parse_kinds(text: str) -> list[str]:
-    """``"wasserstein,fisher_rao"`` -> list, checked against :data:`solver.config.FLOW_KINDS`."""
+    """``"wasserstein,fisher_rao"`` -> list, checked against :data:`solver.flows.KINDS`."""
     kinds = [k.strip() for k in text.split(",")]
     for kind in kinds:
-        if kind not in config_module.FLOW_KINDS:
-            raise ConfigError(f"--kinds: unknown flow kind {kind!r} (allowed: {', '.join(config_module.FLOW_KINDS)})")
+        if kind not in flows.KINDS:
+            raise ConfigError(f"--kinds: unknown flow kind {kind!r} (allowed: {', '.join(flows.KINDS)})")
     if len(set(kinds)) != len(kinds):
         raise ConfigError(f"--kinds: a kind is repeated ({text})")
     return kinds
@@ -126,7 +146,7 @@ def plan(config_path: Path, param: str | None = None, kinds: str | None = None, 
         ConfigError: bad ``--param`` / ``--kinds`` / config, an invalid combination (naming the key), or an
             existing run directory or sweep file without ``force``.
     """
-    from . import experiment, models, outputs
+    from . import models, outputs, runner
 
     base = config_module.load(config_path, overrides)  # validates the config as given
     raw = tomllib.loads(Path(config_path).read_text())
@@ -143,6 +163,9 @@ def plan(config_path: Path, param: str | None = None, kinds: str | None = None, 
         kind_list = parse_kinds(kinds)
     elif base.sweep is not None and base.sweep.kinds:
         kind_list = list(base.sweep.kinds)
+        unknown = [k for k in kind_list if k not in flows.KINDS]
+        if unknown:
+            raise ConfigError(f"sweep.kinds: unknown flow kind {unknown[0]!r} (allowed: {', '.join(flows.KINDS)})")
     else:
         kind_list = [base.flow.kind]
     if key == "flow.kind":
@@ -157,7 +180,7 @@ def plan(config_path: Path, param: str | None = None, kinds: str | None = None, 
             config_module.apply_override(run_raw, f"flow.kind={kind}")
             config_module.apply_override(run_raw, f"{key}={value_label(value)}")
             cfg = config_module.from_dict(run_raw)
-            experiment.state_grid(cfg, models.build(cfg.mdp.model, cfg.mdp.params))
+            runner.state_grid(cfg, models.build(cfg.mdp.model, cfg.mdp.params))
             run_dir = f"{kind}/{key}={value_label(value)}"
             tasks.append(Task(kind, key, value, run_raw, out / run_dir, run_dir, force))
     if not force:
@@ -174,7 +197,7 @@ def plan(config_path: Path, param: str | None = None, kinds: str | None = None, 
 
 def execute_task(task: Task) -> dict:
     """Run one grid point (in a worker process) and return its ``sweep.csv`` row."""
-    from .cli import execute
+    from .runner import execute
 
     row = {"kind": task.kind, "param": task.param, "value": task.value, "run_dir": task.run_dir}
     start = time.perf_counter()
@@ -184,7 +207,8 @@ def execute_task(task: Task) -> dict:
         return row | {"status": "error", "message": str(exc), "wall_time_s": time.perf_counter() - start}
     return row | {"status": summary["status"], "message": summary["message"], "measured_rate": summary["rate"],
                   "rate_r2": summary["rate_r2"], "predicted_rate": summary["predicted_rate"],
-                  "steps": summary["steps"], "t_final": summary["t_final"], "wall_time_s": summary["wall_time_s"]}
+                  "steps": summary["steps"], "t_final": summary["t_final"], "wall_time_s": summary["wall_time_s"]} \
+        | {key: summary.get(key) for key in SUMMARY_COLUMNS}
 
 
 def _worker_init() -> None:
@@ -269,73 +293,20 @@ def _cell(value) -> str:
 
 
 def read_csv(out: Path) -> list[dict]:
-    """The rows of ``out/sweep.csv``: numbers as floats (``steps`` as int), empty cells as None."""
+    """The rows of ``out/sweep.csv``: numbers as floats (``steps`` as int, ``monotone`` as bool), empty cells as None.
+
+    Columns a file lacks (an older ``sweep.csv``) are None.
+    """
     with open(Path(out) / "sweep.csv", newline="") as f:
         rows = list(csv.DictReader(f))
-    numeric = ("value", "measured_rate", "rate_r2", "predicted_rate", "t_final", "wall_time_s")
     for row in rows:
-        for c in numeric:
-            row[c] = float(row[c]) if row[c] != "" else None
-        row["steps"] = int(row["steps"]) if row["steps"] != "" else None
+        for c in NUMERIC_COLUMNS:
+            row[c] = float(row[c]) if row.get(c) not in ("", None) else None
+        row["steps"] = int(row["steps"]) if row.get("steps") not in ("", None) else None
+        row["monotone"] = {"True": True, "False": False}.get(row.get("monotone"))
+        for c in ("rate_status", "certified_status", "rate_verdict"):
+            row[c] = row.get(c) or None
     return rows
-
-
-def plot_sweep(out: Path) -> Path:
-    """``out/sweep.png`` from ``sweep.csv`` alone: measured rate (circles) and predicted rate (crosses) per kind.
-
-    An axis is logarithmic when all its values are positive and span more than a factor 4. For a sweep of
-    ``mdp.tau`` a second panel is the Arrhenius plot, log rate against ``1/tau``: a rate ``~ exp(-barrier/tau)``
-    is a straight line of slope ``-barrier`` there (math.md §5.4).
-    """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import FuncFormatter
-
-    rows = read_csv(out)
-    param = rows[0]["param"] if rows else "value"
-    arrhenius = param == "mdp.tau" and all(r["value"] > 0 for r in rows)
-    fig, axes = plt.subplots(1, 2 if arrhenius else 1, figsize=(13 if arrhenius else 7.5, 5), squeeze=False)
-    panels = [(axes[0, 0], lambda v: v, f"swept parameter {param}")]
-    if arrhenius:
-        panels.append((axes[0, 1], lambda v: 1.0 / v, r"$1/\tau$ (Arrhenius plot)"))
-    plain = FuncFormatter(lambda v, _: f"{v:g}")
-    minor = FuncFormatter(lambda v, _: f"{v:g}" if v > 0 and f"{v:.0e}"[0] in "25" else "")  # label 2s and 5s
-    for n, (ax, transform, xlabel) in enumerate(panels):
-        plotted = []
-        for colour, kind in enumerate(dict.fromkeys(r["kind"] for r in rows)):
-            mine = sorted((r for r in rows if r["kind"] == kind), key=lambda r: r["value"])
-            for column, style, label in (("measured_rate", "o-", "measured (fit)"),
-                                         ("predicted_rate", "x--", "predicted (theory)")):
-                pts = [(transform(r["value"]), r[column]) for r in mine if r[column] is not None]
-                if pts:
-                    x, y = zip(*pts)
-                    ax.plot(x, y, style, color=f"C{colour}", lw=1.5, ms=7,
-                            mfc="none" if column == "measured_rate" else None, label=f"{kind}: {label}")
-                    plotted.extend(pts)
-        if plotted:
-            for values, axis, set_scale in ((sorted(p[0] for p in plotted), ax.xaxis, ax.set_xscale),
-                                            (sorted(p[1] for p in plotted), ax.yaxis, ax.set_yscale)):
-                if values[0] > 0 and values[-1] > 4 * values[0] and not (n == 1 and axis is ax.xaxis):
-                    set_scale("log")
-                    axis.set_major_formatter(plain)
-                    axis.set_minor_formatter(minor)
-            if n == 0:
-                ax.set_xticks(sorted({p[0] for p in plotted}))
-                ax.xaxis.set_minor_formatter(FuncFormatter(lambda v, _: ""))
-            ax.legend()
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel(r"asymptotic rate of $J^*-J(t)$")
-        ax.grid(True, which="both", alpha=0.3)
-    axes[0, 0].set_title(f"gap rate vs {param}: measured and predicted")
-    if arrhenius:
-        axes[0, 1].set_title(r"log rate vs $1/\tau$: slope $-$barrier for a rate $\propto e^{-\mathrm{barrier}/\tau}$")
-    fig.tight_layout()
-    path = Path(out) / "sweep.png"
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
 
 
 def _fmt(x, spec=".5g") -> str:
@@ -368,7 +339,9 @@ def command(args) -> int:
               f"{len(sweep.tasks)} runs on {workers} worker processes", flush=True)
     rows = run(sweep, args.jobs, report)
     write_csv(sweep.out, rows)
-    plot_sweep(sweep.out)
+    from .plots import plot_sweep
+
+    plot_sweep(sweep.out, read_csv(sweep.out))
     if not args.quiet:
         print(f"wrote {sweep.out}/sweep.csv and {sweep.out}/sweep.png (wall {time.perf_counter() - start:.1f} s)")
     return 0 if all(row["status"] in OK_STATUSES for row in rows) else 1

@@ -13,7 +13,7 @@ LQR_PARAMS = {"A": 0.9, "B": 0.5, "q": 1.0, "r": 0.5, "sigma": 0.3}
 
 @pytest.fixture(scope="session")
 def lqr_mdp():
-    """math.md §7.1 LQR (tau = 1) on the shipped grids: states [-6, 6] x 121, actions [-6, 6] x 256 cells."""
+    """theory.md §7.1 LQR (tau = 1) on the shipped grids: states [-6, 6] x 121, actions [-6, 6] x 256 cells."""
     return build_mdp(lqr(**LQR_PARAMS), np.linspace(-6, 6, 121), interval_space(-6, 6, 256), 0.9, 1.0)
 
 

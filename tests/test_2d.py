@@ -1,11 +1,12 @@
-"""2D actions: models, the 2D-action LQR and 2D OU oracles, and the batched 2D implicit solves (math.md §3, §7)."""
+"""2D actions: models, the 2D-action LQR and 2D OU oracles, and the batched 2D implicit solves (theory.md §3, §7)."""
 
 import math
 
 import numpy as np
 import pytest
 
-from solver import bellman, fem, flows, models, oracles
+from solver import bellman, budget, fem, flows, models, oracles
+from solver.flows import fokker_planck
 from solver.config import ConfigError
 from solver.fem import interval_space, rectangle_space
 from solver.mdp import build_mdp
@@ -61,7 +62,7 @@ LQR2 = {"A": 0.9, "B": [0.5, 0.3], "q": 1.0, "r": [0.5, 1.0], "sigma": 0.5}
 @pytest.mark.parametrize("std", [None, 1.0])
 @pytest.mark.parametrize("tau", [0.1, 1.0])
 def test_lqr2_oracle_reduces_to_the_scalar_one(tau, std):
-    """b = (B, 0): the first action is math.md §7.1's; the second is an independent N(0, tau / (2 r~)) factor."""
+    """b = (B, 0): the first action is theory.md §7.1's; the second is an independent N(0, tau / (2 r~)) factor."""
     scalar = oracles.lqr_optimum(0.9, 0.5, 1.0, 0.5, 0.3, 0.9, tau, std)
     two = oracles.lqr2_optimum(0.9, [0.5, 0.0], 1.0, 0.5, 0.3, 0.9, tau, std)
     assert two.P == pytest.approx(scalar.P, rel=1e-14)
@@ -171,7 +172,7 @@ def test_bandit_2d_flow_matches_exact_gaussian_density(domain):
     p0 = gaussian2(space.coords, OU2["m0"], OU2["v0"] * np.eye(2))[None]
     p0 /= (p0 @ space.weights)[:, None]
     errors = {}
-    for state in flows.wasserstein_flow(mdp, p0, dt, t_end=0.5):
+    for state in flows.states("wasserstein", mdp, p0, dt=dt, t_end=0.5):
         if any(abs(state.t - t) < 1e-9 for t in (0.25, 0.5)):
             mean, cov = oracles.ou2_moments(state.t, OU2["k"], OU2["center"], OU2["tau"], OU2["m0"], OU2["v0"])
             errors[round(state.t, 6)] = float(np.abs(state.p[0] - gaussian2(space.coords, mean, cov)) @ space.weights)
@@ -181,7 +182,7 @@ def test_bandit_2d_flow_matches_exact_gaussian_density(domain):
 
 
 def test_bandit_2d_optimum_is_the_truncated_gaussian_free_energy():
-    """J* = tau/(1-gamma) log(2 pi tau / k * Gibbs mass inside the square) (math.md §7.3 in 2D, truncated).
+    """J* = tau/(1-gamma) log(2 pi tau / k * Gibbs mass inside the square) (theory.md §7.3 in 2D, truncated).
 
     On [-3.5, 3.5]^2 the mass factor is 1 - 1.2e-5, a shift of 6e-5 in J*. The lumped quadrature is exponentially
     accurate inside but O(h^2 |grad p|) at the edge, where p is 1e-4 of its peak: measured error 1.5e-6.
@@ -222,16 +223,16 @@ def mesh(request):
 
 @pytest.mark.parametrize("spread", [1.0, 400.0])
 @pytest.mark.parametrize("dt", [1e-3, 5.0])
-@pytest.mark.parametrize("scheme", flows.SCHEMES)
+@pytest.mark.parametrize("scheme", fokker_planck.SCHEMES)
 def test_sparse_and_banded_solves_agree_to_round_off(mesh, spread, dt, scheme, monkeypatch):
     n = 7
     g = rough_potential(mesh, n, spread)
     p = np.random.default_rng(1).uniform(0.0, 2.0, size=(n, mesh.n_dofs))
     masses = p / (p @ mesh.weights)[:, None] * mesh.weights
-    banded = flows.implicit_step(mesh, masses, g, 0.3, dt, scheme, method="banded")
-    sparse = flows.implicit_step(mesh, masses, g, 0.3, dt, scheme, method="sparse")
-    monkeypatch.setattr(flows, "SOLVE_CHUNK_BYTES", 1)  # one state per chunk: chunking must not change anything
-    chunked = flows.implicit_step(mesh, masses, g, 0.3, dt, scheme, method="sparse")
+    banded = fokker_planck.implicit_step(mesh, masses, g, 0.3, dt, scheme, method="banded")
+    sparse = fokker_planck.implicit_step(mesh, masses, g, 0.3, dt, scheme, method="sparse")
+    monkeypatch.setattr(budget, "SOLVE_CHUNK_BYTES", 1)  # one state per chunk: chunking must not change anything
+    chunked = fokker_planck.implicit_step(mesh, masses, g, 0.3, dt, scheme, method="sparse")
     # both are direct solves of a diagonally dominant M-matrix: they agree componentwise to round-off of the
     # state's total mass 1 (measured <= 2e-15 when dt = 5 piles the mass onto one node; 1e-14 is ~45 ulps)
     np.testing.assert_allclose(sparse, banded, rtol=0, atol=1e-14)
@@ -246,7 +247,7 @@ def test_gibbs_optimum_is_an_exact_fixed_point_in_2d(mesh, method, dt):
     mdp = build_mdp(models.four_well(B=[0.3, -0.2], depth=0.5), np.linspace(-2, 2, 17), mesh, 0.8, 0.3)
     opt = bellman.soft_policy_iteration(mdp)
     masses = opt.p * mesh.weights
-    new = flows.implicit_step(mesh, masses, flows.potential(mdp, opt.Q), mdp.tau, dt, method=method)
+    new = fokker_planck.implicit_step(mesh, masses, flows.potential(mdp, opt.Q), mdp.tau, dt, method=method)
     assert np.max(np.abs(new - masses)) < 1e-14  # round-off of one direct solve
 
 
@@ -268,7 +269,7 @@ def test_stress_2d_small_tau_large_dt(mesh, name, params, tau, dt):
     p0 = np.tile(gaussian2(mesh.coords, np.array([-1.0, 0.5]), 0.1 * np.eye(2)), (mdp.n_states, 1))
     p0 /= (p0 @ mesh.weights)[:, None]
     J = []
-    for state in _take(flows.wasserstein_flow(mdp, p0, dt), 12):
+    for state in _take(flows.states("wasserstein", mdp, p0, dt=dt), 12):
         J.append(float(mdp.rho @ state.evaluation.V))
         assert np.all(np.isfinite(state.p)) and np.all(np.isfinite(state.evaluation.V))
         assert np.max(np.abs(state.p @ mesh.weights - 1)) < 1e-13  # mass: round-off of a few direct solves

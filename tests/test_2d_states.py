@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from solver import bellman, flows, oracles
+from solver.flows import fokker_planck
 from solver.fem import rectangle_space
 from solver.mdp import build_mdp, product_grid
 from solver.models import lqr
@@ -24,7 +25,7 @@ def grid(lower: float, upper: float, n: int) -> np.ndarray:
 
 @pytest.mark.parametrize("std", [None, 1.5])
 def test_state2_oracle_splits_into_scalar_ones_for_diagonal_dynamics(std):
-    """Diagonal A, B, R: two independent scalar LQRs (math.md §7.1 per axis), V* = V*_1(s_1) + V*_2(s_2)."""
+    """Diagonal A, B, R: two independent scalar LQRs (theory.md §7.1 per axis), V* = V*_1(s_1) + V*_2(s_2)."""
     tau, gamma, sigma = 0.5, 0.9, 0.4
     two = oracles.lqr_state2_optimum(np.diag([0.9, 0.8]), np.diag([0.5, 0.7]), 1.0, [0.5, 1.0], sigma, gamma, tau,
                                      std)
@@ -116,10 +117,10 @@ def small_grid_mdp():
 
 @pytest.mark.parametrize("dt", [0.01, 5.0])
 def test_2d_state_flow_conserves_mass_positivity_and_monotone_values(small_grid_mdp, dt):
-    """math.md §3 on a 2D state grid: mass to round-off, p >= 0 and V^{pi_n} non-decreasing at every state."""
+    """theory.md §3 on a 2D state grid: mass to round-off, p >= 0 and V^{pi_n} non-decreasing at every state."""
     mdp = small_grid_mdp
     values = []
-    for state in flows.wasserstein_flow(mdp, random_policy(mdp, 7), dt, t_end=10 * dt):
+    for state in flows.states("wasserstein", mdp, random_policy(mdp, 7), dt=dt, t_end=10 * dt):
         values.append(state.evaluation.V)
         assert np.max(np.abs(state.p @ mdp.weights - 1)) < 1e-13
         assert state.p.min() >= 0
@@ -131,5 +132,5 @@ def test_2d_state_gibbs_optimum_is_a_fixed_point(small_grid_mdp):
     mdp = small_grid_mdp
     opt = bellman.soft_policy_iteration(mdp)
     masses = opt.p * mdp.weights
-    new = flows.implicit_step(mdp.space, masses, flows.potential(mdp, opt.Q), mdp.tau, 5.0)
+    new = fokker_planck.implicit_step(mdp.space, masses, flows.potential(mdp, opt.Q), mdp.tau, 5.0)
     assert np.max(np.abs(new - masses)) < 1e-13  # round-off of one sparse solve per state

@@ -1,4 +1,4 @@
-"""Soft Bellman solver against closed forms and exact discrete identities (math.md §2, §7.1, §7.5)."""
+"""Soft Bellman solver against closed forms and exact discrete identities (theory.md §2, §7.1, §7.5)."""
 
 import numpy as np
 import pytest
@@ -13,11 +13,11 @@ from .conftest import LQR_PARAMS, random_policy
 
 def test_lqr_optimum_matches_closed_form(lqr_mdp, lqr_optimum):
     exact = oracles.lqr_optimum(**LQR_PARAMS, gamma=0.9, tau=1.0)
-    # the reference numbers of math.md §7.1 (guards the oracle itself against typos)
+    # the reference numbers of theory.md §7.1 (guards the oracle itself against typos)
     assert exact.P == pytest.approx(1.7028101010, abs=1e-9)
     assert exact.c == pytest.approx(4.9657746992, abs=1e-9)
     s = lqr_mdp.states
-    interior = np.abs(s) <= 2  # math.md §8.3: |Ks| + 8 sqrt(Sigma) stays (nearly) inside [-6, 6]
+    interior = np.abs(s) <= 2  # theory.md §8.3: the Gibbs tail mass outside [-6, 6] is <= 1.8e-9 at |s| <= 2
     # Truncating the action domain moves V by ~tau log(1 - eps), eps < 2e-9 at |s| = 2, times 1/(1-gamma);
     # the trapezoid rule is spectrally accurate for these Gaussians. 1e-6 is the issue's bar; we see ~2e-9.
     assert np.max(np.abs(lqr_optimum.V - exact.value(s))[interior]) < 1e-6
@@ -30,7 +30,7 @@ def test_lqr_optimum_matches_closed_form(lqr_mdp, lqr_optimum):
 
 
 def test_gaussian_reference_matches_closed_form():
-    """Gaussian mu = N(0, 1): r -> r + tau/2, and c gets the normalisation term (math.md §7.1 table)."""
+    """Gaussian mu = N(0, 1): r -> r + tau/2, and c gets the normalisation term (theory.md §7.1 table)."""
     space = interval_space(-6, 6, 256)
     mdp = build_mdp(lqr(**LQR_PARAMS), np.linspace(-6, 6, 121), space, 0.9, 1.0, "gaussian", 1.0)
     opt = bellman.soft_policy_iteration(mdp)
@@ -42,7 +42,7 @@ def test_gaussian_reference_matches_closed_form():
 
 
 def test_bellman_residual_equals_tau_kl_to_gibbs(small_well):
-    """math.md §2 identity 1: T V^pi - V^pi = tau KL(p || G^pi), state by state, to round-off."""
+    """theory.md §2 identity 1: T V^pi - V^pi = tau KL(p || G^pi), state by state, to round-off."""
     p = random_policy(small_well)
     ev = bellman.evaluate(small_well, p)
     log_g, tau_log_z = bellman.log_gibbs(small_well, ev.Q)
@@ -54,7 +54,7 @@ def test_bellman_residual_equals_tau_kl_to_gibbs(small_well):
 
 
 def test_performance_difference_lemma(small_well):
-    """math.md §2 identity 2: V' - V = (I - gamma P')^{-1} tau [KL(p || G^pi) - KL(p' || G^pi)]."""
+    """theory.md §2 identity 2: V' - V = (I - gamma P')^{-1} tau [KL(p || G^pi) - KL(p' || G^pi)]."""
     p, p2 = random_policy(small_well, 1), random_policy(small_well, 2)
     ev, ev2 = bellman.evaluate(small_well, p), bellman.evaluate(small_well, p2)
     log_g, _ = bellman.log_gibbs(small_well, ev.Q)
@@ -117,7 +117,7 @@ def test_resolvent_methods_agree(grid_2d_mdp):
 
 
 def test_bellman_identity_with_gmres(grid_2d_mdp):
-    """math.md §2 identity 1 on a 2D state grid, where evaluate() solves with GMRES: T V - V = tau KL(p || G)."""
+    """theory.md §2 identity 1 on a 2D state grid, where evaluate() solves with GMRES: T V - V = tau KL(p || G)."""
     mdp = grid_2d_mdp
     p = random_policy(mdp, 5)
     ev = bellman.evaluate(mdp, p)

@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from solver import cli, experiment, flows, outputs
+from solver import budget, cli, runner
+from solver.flows import wasserstein
 from solver.diagnostics import HISTORY_COLUMNS
 
 EXPERIMENTS = Path(__file__).resolve().parent.parent / "experiments"
@@ -156,11 +157,11 @@ def test_user_model_by_import_path(tmp_path):
 
 
 def test_large_runs_keep_snapshot_policies_of_the_drawn_states_only(tmp_path, monkeypatch):
-    """Above outputs.SNAPSHOT_BYTES only the plotted and XDMF states' snapshot policies are kept (memory O(N M));
+    """Above budget.SNAPSHOT_BYTES only the plotted and XDMF states' snapshot policies are kept (memory O(N M));
     what is kept, V at every snapshot, rates.csv (computed during the run) and density.xdmf are unchanged."""
     args = ["run", str(EXPERIMENTS / "lqr_1d.toml"), *TINY, *TINY_STATES]
     assert cli.main([*args, "--out", str(tmp_path / "all")]) == 0
-    monkeypatch.setattr(outputs, "SNAPSHOT_BYTES", 0)
+    monkeypatch.setattr(budget, "SNAPSHOT_BYTES", 0)
     assert cli.main([*args, "--out", str(tmp_path / "few")]) == 0
     full, few = (np.load(tmp_path / name / "solution.npz") for name in ("all", "few"))
     kept = few["snapshot_states"]
@@ -188,7 +189,7 @@ def test_user_model_with_2d_states_and_1d_actions(tmp_path):
 
 
 def test_numerical_failure_stops_and_keeps_history(tmp_path, capsys, monkeypatch):
-    real_step = flows.implicit_step
+    real_step = wasserstein.implicit_step
     calls = []
 
     def failing_step(*args, **kwargs):
@@ -196,7 +197,7 @@ def test_numerical_failure_stops_and_keeps_history(tmp_path, capsys, monkeypatch
         new = real_step(*args, **kwargs)
         return new * np.nan if len(calls) == 3 else new
 
-    monkeypatch.setattr(flows, "implicit_step", failing_step)
+    monkeypatch.setattr(wasserstein, "implicit_step", failing_step)
     out = tmp_path / "fail"
     code = cli.main(["run", str(EXPERIMENTS / "bandit_ou.toml"), "--out", str(out), *TINY])
     assert code == 1
@@ -222,10 +223,16 @@ def test_adaptive_steps_grow_and_stay_monotone(tmp_path):
 def test_experiment_api_without_files():
     """The library runs without the CLI: build a problem, run it, observe it."""
     from solver import config
+    from solver.observers import Observer
 
     cfg = config.load(EXPERIMENTS / "bandit_ou.toml", ["actions.cells=32", "flow.t_end=0.1"])
     seen = []
-    result = experiment.run(experiment.build(cfg), [lambda row, state: seen.append(state.t)])
+
+    class Times(Observer):
+        def observe(self, row, state):
+            seen.append(state.t)
+
+    result = runner.run(runner.build(cfg), [Times()])
     assert result.status == "t_end" and seen[0] == 0.0 and seen[-1] == pytest.approx(0.1)
 
 

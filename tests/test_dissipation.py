@@ -1,20 +1,19 @@
 """The dissipation identity along the flows: measured dJ/dt over predicted dJ/dt -> 1 at first order in dt
-(math.md §4 for the Wasserstein flow, §6 for Fisher-Rao)."""
+(theory.md §4 for the Wasserstein flow, §6 for Fisher-Rao)."""
 
 import math
 
 import numpy as np
 import pytest
 
-from solver import bellman, comparison, diagnostics, flows
+from solver import bellman, diagnostics, flows
 from solver.fem import interval_space
 from solver.mdp import build_mdp
 from solver.models import double_well
 
 T_FIXED = 0.5  # the prediction is taken at t = 0.5 and measured over [0.5, 0.5 + dt]
 DTS = np.array([0.02, 0.01, 0.005, 0.0025, 0.00125])
-FLOWS = {"wasserstein": lambda mdp, p0, dt: flows.wasserstein_flow(mdp, p0, dt, t_end=T_FIXED + dt),
-         "fisher_rao": lambda mdp, p0, dt: comparison.fisher_rao_flow(mdp, p0, dt, t_end=T_FIXED + dt)}
+FLOWS = ("wasserstein", "fisher_rao")
 
 
 @pytest.fixture(scope="module")
@@ -29,8 +28,9 @@ def well():
 
 def last_ratio(mdp, p0, J_star, kind, dt):
     previous = None
-    for state in FLOWS[kind](mdp, p0, dt):
-        row = diagnostics.record(mdp, state, J_star, previous=previous, kind=kind)
+    flow = flows.make(kind, mdp, dt=dt)
+    for state in flows.trajectory(flow, p0, T_FIXED + dt):
+        row = diagnostics.record(flow, state, J_star, previous=previous)
         if previous is None:
             assert math.isnan(row["dissipation_ratio"])  # row 0 has no measured increment
         previous = row
@@ -44,7 +44,7 @@ def test_dissipation_ratio_tends_to_one_at_first_order(well, kind):
     step itself is first order. Measured: Wasserstein 6.7e-3 ... 3.4e-4, slope 1.07; Fisher-Rao 1.8e-2 ...
     1.2e-3, slope 0.99. The slope tolerance 0.15 covers the O(dt^2) term at the coarse end (local slopes
     1.14 -> 1.02 for Wasserstein); the dt range starts where the local slopes have settled (at dt = 0.04 the
-    Wasserstein error is still pre-asymptotic). A prediction with the plain rho . D (math.md §4 pitfall)
+    Wasserstein error is still pre-asymptotic). A prediction with the plain rho . D (theory.md §4 pitfall)
     would make the ratio tend to a constant > 1 instead, so the final bound also tests the resolvent form.
     """
     mdp, p0, J_star = well
@@ -65,7 +65,8 @@ def test_history_columns_keep_their_order():
 def test_kinds_without_a_predicted_rate_record_nan(well, kind):
     """No dJ/dt for policy iteration (discrete iterations) nor particles (noisy histogram): NaN, never a number."""
     mdp, p0, J_star = well
-    first, second = list(zip(range(2), flows.wasserstein_flow(mdp, p0, 0.1)))
-    row = diagnostics.record(mdp, first[1], J_star, kind=kind)
-    row = diagnostics.record(mdp, second[1], J_star, previous=row, kind=kind)
+    flow = flows.make(kind, mdp, dt=0.1)
+    first, second = list(zip(range(2), flows.trajectory(flow, p0)))
+    row = diagnostics.record(flow, first[1], J_star)
+    row = diagnostics.record(flow, second[1], J_star, previous=row)
     assert math.isnan(row["dissipation"]) and math.isnan(row["dissipation_ratio"])

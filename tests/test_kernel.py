@@ -1,9 +1,9 @@
-"""The windowed Gaussian grid kernel against a brute-force dense tensor (math.md §2, §7.5.4)."""
+"""The windowed Gaussian grid kernel against a brute-force dense tensor (theory.md §2, §7.5.4)."""
 
 import numpy as np
 import pytest
 
-from solver import mdp as mdp_module
+from solver import budget
 from solver.mdp import GaussianGridKernel, GaussianGridKernel2D, product_grid
 
 
@@ -20,7 +20,7 @@ def dense_kernel(states, mean, sigma):
 @pytest.mark.parametrize("dense_band", [True, False], ids=["dense-band", "windowed"])
 def test_windowed_kernel_equals_dense_tensor(monkeypatch, dense_band):
     if not dense_band:  # the storage used for large state grids
-        monkeypatch.setattr(mdp_module, "DENSE_BAND_BYTES", 0)
+        monkeypatch.setattr(budget, "DENSE_BAND_BYTES", 0)
     rng = np.random.default_rng(0)
     states = np.linspace(-3, 3, 61)
     mean = rng.uniform(-5, 5, size=(61, 17))  # includes means far outside the grid
@@ -35,7 +35,7 @@ def test_windowed_kernel_equals_dense_tensor(monkeypatch, dense_band):
 
 
 def test_grid_gaussian_moments_at_round_off():
-    """math.md §7.5.4: with h_s <= sigma/2 the discrete Gaussian's first two moments are exact to round-off."""
+    """theory.md §7.5.4: with h_s <= sigma/2 the discrete Gaussian's first two moments are exact to round-off."""
     states = np.linspace(-6, 6, 121)  # h = 0.1 = sigma / 3
     mean = np.array([[0.0123, -1.377, 2.5]])
     kernel = GaussianGridKernel(states, np.repeat(mean, 121, axis=0), 0.3)
@@ -49,8 +49,8 @@ def test_grid_gaussian_moments_at_round_off():
 def test_2d_kernel_equals_dense_tensor(monkeypatch, stored):
     """The tensor-product kernel is the brute-force grid Gaussian, renormalised over the 2D grid, to round-off."""
     if not stored:  # the path of large grids: only the means are kept, windows are recomputed chunk by chunk
-        monkeypatch.setattr(mdp_module, "WINDOW_STORE_BYTES", 0)
-        monkeypatch.setattr(mdp_module, "KERNEL_CHUNK_BYTES", 1)  # one state per chunk: chunking must not matter
+        monkeypatch.setattr(budget, "WINDOW_STORE_BYTES", 0)
+        monkeypatch.setattr(budget, "KERNEL_CHUNK_BYTES", 1)  # one state per chunk: chunking must not matter
     rng = np.random.default_rng(1)
     x, y = np.linspace(-2, 2, 23), np.linspace(-1, 1.5, 17)  # unequal axes and spacings catch transposed axes
     states = product_grid(x, y)
@@ -72,7 +72,7 @@ def test_2d_kernel_equals_dense_tensor(monkeypatch, stored):
 
 
 def test_2d_grid_gaussian_moments_at_round_off():
-    """math.md §7.5.4 per axis: with h_s <= sigma/2 the mean and covariance sigma^2 I are exact to round-off."""
+    """theory.md §7.5.4 per axis: with h_s <= sigma/2 the mean and covariance sigma^2 I are exact to round-off."""
     x, y = np.linspace(-4, 3, 71), np.linspace(-3.5, 4, 76)  # h = 0.1 = sigma / 3; f +- 9 sigma inside
     states = product_grid(x, y)
     f = np.array([[0.0123, -0.377], [-1.1, 0.9], [0.5, 0.051]])

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from solver import mdp as mdp_module
+from solver import budget
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_memory.py"
 GIB = 2 ** 30
@@ -35,5 +35,5 @@ def test_formula_bounds_the_peak_rss_of_a_whole_run(extra):
 def test_101_by_101_states_with_1000_action_dofs_fit_in_2_gib():
     """The issue's size: 101 x 101 states x 1013 DOFs, sigma / h_s = 2.5 (L = 47), band 57 per axis."""
     n, m = 101 * 101, 1013
-    assert not mdp_module.window_bytes(n, m, 47, 47) <= mdp_module.WINDOW_STORE_BYTES  # windows recomputed
-    assert mdp_module.memory_estimate(n, m, (47, 47), (57, 57), stored=False) < 2 * GIB
+    assert not budget.window_bytes(n, m, 47, 47) <= budget.WINDOW_STORE_BYTES  # windows recomputed
+    assert budget.memory_estimate(n, m, (47, 47), (57, 57), stored=False) < 2 * GIB

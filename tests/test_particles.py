@@ -1,11 +1,12 @@
-"""Reflected Langevin particles (math.md §3 particle picture, §8.8) against the FEM density of the same flow."""
+"""Reflected Langevin particles (theory.md §3 particle picture, §8.8) against the FEM density of the same flow."""
 
 import math
 
 import numpy as np
 import pytest
 
-from solver import bellman, flows, particles
+from solver import bellman, flows
+from solver.flows import particles
 from solver.fem import ActionSpace, interval_space
 from solver.mdp import build_mdp
 from solver.models import bandit, lqr
@@ -33,9 +34,10 @@ def gaussian_start(mdp, mean, std):
 
 def error_slope(mdp, p0, t_end, dt):
     """RMS over seeds of the particle-vs-FEM distance at t_end for each N, and the fitted log-log slope."""
-    reference = last(flows.wasserstein_flow(mdp, p0, 1e-3, t_end=t_end)).p
-    errors = np.array([math.sqrt(np.mean([cdf_distance(mdp, last(particles.particle_flow(
-        mdp, p0, dt, int(n), seed, t_end=t_end)).p, reference) ** 2 for seed in SEEDS])) for n in N_PARTICLES])
+    reference = last(flows.states("wasserstein", mdp, p0, dt=1e-3, t_end=t_end)).p
+    errors = np.array([math.sqrt(np.mean([cdf_distance(mdp, last(flows.states(
+        "particles", mdp, p0, t_end, dt=dt, particles=int(n), seed=seed)).p, reference) ** 2 for seed in SEEDS]))
+        for n in N_PARTICLES])
     return errors, np.polyfit(np.log(N_PARTICLES), np.log(errors), 1)[0]
 
 
@@ -46,11 +48,11 @@ def error_slope(mdp, p0, t_end, dt):
 # FEM reference's O(dt + h^2), cloud-in-cell O(h^2)) were measured with 4e5 particles at <= 2e-3, below a fifth
 # of the smallest sampling error (~9e-3 at N = 6400), so they move the slope by < 0.01. No particle comes near
 # the action boundary (density there < 1e-10), so the O(sqrt(dt)) weak error of reflected Euler-Maruyama
-# (math.md §8.8) does not enter.
+# (theory.md §8.8) does not enter.
 
 
 def test_particles_match_the_ou_fem_density_at_rate_n_to_minus_half():
-    """One state (math.md §7.3): Q does not depend on pi, the particles are independent OU processes."""
+    """One state (theory.md §7.3): Q does not depend on pi, the particles are independent OU processes."""
     mdp = build_mdp(bandit(k=1.0, center=0.5), np.array([0.0]), interval_space(-6, 6, 256), 0.9, 0.5)
     errors, slope = error_slope(mdp, gaussian_start(mdp, -0.5, 0.5), 0.25, 5e-3)
     assert slope == pytest.approx(-0.5, abs=0.15)
@@ -112,7 +114,7 @@ def test_reflected_brownian_motion_keeps_the_uniform_law():
     boundary). Clipping instead of reflecting would pile ~sqrt(tau dt) of mass per step at the ends."""
     mdp = build_mdp(bandit(k=0.0), np.array([0.0]), interval_space(0, 1, 20), 0.5, 0.5)
     n = 20_000
-    final = last(particles.particle_flow(mdp, bellman.uniform_policy(mdp), 0.01, n, seed=3, t_end=1.0))
+    final = last(flows.states("particles", mdp, bellman.uniform_policy(mdp), 1.0, dt=0.01, particles=n, seed=3))
     assert cdf_distance(mdp, final.p, bellman.uniform_policy(mdp)) < 1.63 / math.sqrt(n)  # KS 99% quantile
     np.testing.assert_allclose(final.p @ mdp.weights, 1.0, rtol=1e-14)
 
@@ -120,7 +122,7 @@ def test_reflected_brownian_motion_keeps_the_uniform_law():
 def test_runs_are_reproducible_and_seeds_differ():
     mdp = build_mdp(bandit(k=1.0), np.array([0.0]), interval_space(-3, 3, 30), 0.9, 0.5)
     p0 = bellman.uniform_policy(mdp)
-    run = [last(particles.particle_flow(mdp, p0, 0.01, 500, seed, t_end=0.1)).p for seed in (0, 0, 1)]
+    run = [last(flows.states("particles", mdp, p0, 0.1, dt=0.01, particles=500, seed=seed)).p for seed in (0, 0, 1)]
     assert np.array_equal(run[0], run[1]) and not np.array_equal(run[0], run[2])
 
 
@@ -129,7 +131,7 @@ def test_two_dimensional_actions_are_refused():
     mdp = build_mdp(bandit(k=1.0, center=(0.0, 0.0)), np.array([0.0]), rectangle_space((0, 0), (1, 1), (2, 2)),
                     0.9, 0.5)
     with pytest.raises(ValueError, match="1D action interval"):
-        next(particles.particle_flow(mdp, bellman.uniform_policy(mdp), 0.01))
+        next(flows.states("particles", mdp, bellman.uniform_policy(mdp), dt=0.01))
 
 
 @pytest.mark.parametrize("nodes", [np.linspace(-1.0, 2.0, 31), np.array([-1.0, -0.7, -0.1, 0.0, 0.8, 1.1, 2.0])])

@@ -16,8 +16,8 @@ from solver.config import ConfigError
 EXPERIMENTS = Path(__file__).resolve().parent.parent / "experiments"
 ROOT = EXPERIMENTS.parent
 
-# One-state OU bandit (math.md §7.3), tiny: with r = -k (a - c)^2 / 2 the Gibbs policy is N(c, tau / k), so the
-# WPG rate is 2 tau * (k / tau) = 2k for every tau, while Fisher-Rao's is 2 tau (math.md §6).
+# One-state OU bandit (theory.md §7.3), tiny: with r = -k (a - c)^2 / 2 the Gibbs policy is N(c, tau / k), so the
+# WPG rate is 2 tau * (k / tau) = 2k for every tau, while Fisher-Rao's is 2 tau (theory.md §6).
 BANDIT = """
 [mdp]
 model = "bandit"
@@ -137,7 +137,7 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, bandit_config
 def test_bad_sweep_table_is_rejected(tmp_path, bandit_config):
     for table, message in (('param = "mdp.tau"\nvalues = []', "sweep.values: must be a non-empty list"),
                            ('param = "mdp.tau"\nvalues = [1, true]', "sweep.values: must be a non-empty list"),
-                           ('param = "mdp.tau"\nvalues = [1]\nkinds = ["x"]', "sweep.kinds: must be"),
+                           ('param = "mdp.tau"\nvalues = [1]\nkinds = ["x"]', "sweep.kinds: unknown flow kind 'x'"),
                            ('param = "tau"\nvalues = [1]', "sweep.param: must be a dotted config key"),
                            ('values = [1]', "sweep.param: missing required key")):
         bandit_config.write_text(BANDIT + "\n[sweep]\n" + table + "\n")

@@ -92,6 +92,7 @@ class Flow:
         adaptive: supports ``flow.adaptive``.
         actions_2d: supports 2D action domains.
         linear_rate: the gap decays at a linear rate, so fitting and predicting one makes sense.
+        integrators: the ``flow.integrator`` values it runs ("implicit"; the WPG flow also "exponential").
 
     Args:
         mdp: the discrete MDP.
@@ -105,6 +106,7 @@ class Flow:
     adaptive: ClassVar[bool] = False
     actions_2d: ClassVar[bool] = True
     linear_rate: ClassVar[bool] = True
+    integrators: ClassVar[tuple[str, ...]] = ("implicit",)
 
     def __init__(self, mdp: MDP, config, partition: Partition, model=None):
         self.mdp, self.config, self.partition, self.model = mdp, config, partition, model
@@ -121,6 +123,9 @@ class Flow:
         if not partition.serial and not cls.mpi:
             raise ConfigError(f"flow.kind: only {', '.join(map(repr, mpi_kinds()))} runs on several MPI ranks "
                               f"(got {cls.kind!r}); run it without mpirun")
+        if getattr(config, "integrator", "implicit") not in cls.integrators:
+            raise ConfigError(f"flow.integrator: flow.kind = {cls.kind!r} has no {config.integrator!r} integrator "
+                              f"(allowed: {', '.join(map(repr, cls.integrators))})")
 
     def start(self, p0: np.ndarray) -> np.ndarray:
         """Set up the flow's own state from the initial policy; return the policy of step 0."""

@@ -60,11 +60,13 @@ class Adaptive:
 
 
 class Wasserstein(Flow):
-    """The implicit-Euler WPG flow (module docstring), fixed or adaptive steps (``flow.adaptive``)."""
+    """The WPG flow (module docstring): implicit Euler with fixed or adaptive steps (``flow.adaptive``), or the
+    exponential integrator with fixed steps (``flow.integrator = "exponential"``)."""
 
     kind = "wasserstein"
     mpi = True
     adaptive = True
+    integrators = ("implicit", "exponential")  # flow.integrator values this kind runs
 
     @classmethod
     def check(cls, config, space, partition) -> None:
