@@ -154,7 +154,7 @@ def _run(args) -> int:
     the results so far and a checkpoint are in the run directory)."""
     import signal
 
-    from . import config as config_module, runner
+    from . import checkpoint, config as config_module, runner
 
     resume = args.resume
     if resume is None and args.extend is not None and args.config is not None and args.config.is_dir():
@@ -167,7 +167,7 @@ def _run(args) -> int:
         raise ConfigError("--extend: continues a finished run: wpgflow run --resume RUN_DIR --extend T")
     elif args.config is None:
         raise ConfigError("run: needs a CONFIG (a TOML file) or --resume RUN_DIR")
-    previous = runner.install_signal_handlers()
+    previous = checkpoint.install_signal_handlers()
     signum = None
     try:
         if resume is not None:
@@ -177,13 +177,13 @@ def _run(args) -> int:
             cfg = config_module.load(args.config, args.overrides)
             out = args.out if args.out is not None else Path("runs") / args.config.stem
             summary = runner.execute(cfg, out, args.force, progress_bar=not args.quiet, force_size=args.force_size)
-        signum = runner.STOP.signum
+        signum = checkpoint.STOP.signum
     except KeyboardInterrupt:  # before the loop, or a second signal: stopped at once
-        signum = runner.STOP.signum or signal.SIGINT
+        signum = checkpoint.STOP.signum or signal.SIGINT
         print(f"wpgflow: interrupted by {signal.Signals(signum).name}", file=sys.stderr)
         return 128 + signum
     finally:
-        runner.restore_signal_handlers(previous)
+        checkpoint.restore_signal_handlers(previous)
     root = parallel.launched_rank() == 0
     if summary["status"] == "interrupted":
         if root:

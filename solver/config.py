@@ -98,7 +98,7 @@ def _one_of(*allowed):
 MAX_GAMMA = 0.99999
 
 #: Smallest temperature: ``Q / tau`` must stay far from the overflow of ``exp`` (``tau = 1e-6`` already breaks the
-#: generator-gap eigen-solve on lqr_1d; the run checks ``Q* / tau`` on the mesh itself, solver.runner.preflight).
+#: generator-gap eigen-solve on lqr_1d; the run checks ``Q* / tau`` on the mesh itself, solver.preflight.preflight).
 MIN_TAU = 1e-8
 
 #: Largest ``output.snapshots``: each snapshot keeps ``N`` values (and policies within a budget); 1e9 would

@@ -105,6 +105,20 @@ def _strerror(exc: OSError, file=None) -> str:
     return f"{exc.strerror or exc}: {exc.filename or file}" if (exc.filename or file) else str(exc.strerror or exc)
 
 
+def refuse_existing(out: Path, run_dirs: list[tuple[str, Path]], files: tuple[str, ...]) -> None:
+    """Refuse (:class:`ConfigError`) a grid of runs under ``out`` whose run directories (``(name, path)``) already
+    hold a run, or where one of ``files`` (the grid's own tables and plots) exists: nothing is overwritten
+    without ``--force``."""
+    for name, path in run_dirs:
+        existing = [f for f in FILES if (path / f).exists()]
+        if existing:
+            raise ConfigError(f"--out {out}: run directory {name} exists (has {existing[0]}); "
+                              "use --force to overwrite or --out to choose another")
+    for name in files:
+        if (out / name).exists():
+            raise ConfigError(f"--out {out}: {name} exists; use --force to overwrite or --out to choose another")
+
+
 def prepare_run_dir(path: Path, force: bool, keep: tuple[str, ...] = ()) -> RunLock:
     """Create ``path`` and lock it (:class:`RunLock`); refuse (:class:`ConfigError`) if it already holds a run and
     ``force`` is False, if another run holds its lock, or if it cannot be created or written.

@@ -19,9 +19,10 @@ from typing import Iterable
 import numpy as np
 import scipy
 
-from . import __version__, along_flow, bellman, budget, diagnostics, fem, flows, models, modes, oracles, outputs
-from . import ledger, parallel
-from .config import Config, ConfigError, inspect_xdmf
+from . import __version__, along_flow, bellman, diagnostics, fem, flows, models, modes, oracles, outputs
+from . import ledger, parallel, preflight
+from .checkpoint import STOP, Checkpointer, Resume, load_resume, restore_observers
+from .config import Config, ConfigError
 from .mdp import MDP, build_mdp, product_grid
 from .observers import HistoryCSV, Observer, Progress, Schedule, Snapshots
 
@@ -50,7 +51,7 @@ def build(config: Config, force_size: bool = False) -> Problem:
     the mesh file; then the model's outputs on the grid); every refusal is a :class:`ConfigError` naming the key.
     """
     model = models.build(config.mdp.model, config.mdp.params)
-    preflight(config, model, force_size)
+    preflight.preflight(config, model, force_size)
     states = state_grid(config, model)
     a = config.actions
     space = fem.domain_space(a.domain, a.lower, a.upper, a.cells, a.resolution,
@@ -80,106 +81,6 @@ def build(config: Config, force_size: bool = False) -> Problem:
                           f"{config.mdp.tau} ({' '.join(str(exc).split())[:120]}); allowed: a smaller mdp.gamma or "
                           "a larger mdp.tau for this reward") from None
     return Problem(config=config, model=model, mdp=mdp, optimum=optimum)
-
-
-#: Longest run ``wpgflow run`` starts without ``--force-size``: ``t_end / dt`` steps. Every history row is kept in
-#: memory for the summary, about :data:`ROW_BYTES` each, and counted in :func:`memory_needed`, so the memory check
-#: usually refuses first (1e7 steps need 10 GiB).
-MAX_STEPS = 100_000_000
-ROW_BYTES = 1024
-
-
-def projected_steps(config: Config) -> float:
-    """Steps a run takes at most: ``t_end / dt`` (``floor(t_end)`` iterations for soft policy iteration;
-    for adaptive steps ``t_end / dt`` bounds the count too: they start at ``dt`` and grow where the flow is smooth)."""
-    f = config.flow
-    return math.floor(f.t_end) if f.kind == "policy_iteration" else f.t_end / f.dt
-
-
-def action_dofs(config: Config) -> int:
-    """The number of action DOFs of ``[actions]`` without meshing (an XDMF mesh is checked and its vertices counted:
-    :func:`solver.config.inspect_xdmf`)."""
-    a = config.actions
-    if a.domain == "interval":
-        return a.cells + 1
-    if a.domain == "rectangle":
-        nx, ny = a.cells
-        return (nx + 1) * (ny + 1) + nx * ny  # crossed diagonals: a vertex at every cell centre
-    path = fem.MESH_DIR / f"{a.domain}_{a.resolution}.xdmf" if a.domain in fem.MESH_SHAPES else a.domain
-    return inspect_xdmf(path)[0]
-
-
-def memory_needed(config: Config, model: models.Model) -> int:
-    """A cheap upper estimate of the peak memory of a run, bytes, for every kind of grid, from the config alone.
-
-    2D state grids: :func:`solver.budget.memory_estimate` with windows of ``L = 2 ceil(9 sigma / h) + 1`` states
-    per axis and bands of ``2 L``. 1D grids and one-state models: the same terms with one window (the kernel's
-    dense band capped by :data:`~solver.budget.DENSE_BAND_BYTES`) and, for ``N <= 1500``, the dense LU of
-    ``I - gamma P^pi``. On top: the history rows (:data:`ROW_BYTES` per projected step), the snapshots' values,
-    and the dense generator-gap eigen-solve (``M^2`` doubles) on small action meshes.
-    """
-    st = config.states
-    m = action_dofs(config)
-    if model.single_state or st is None:
-        axes = [(1, 1)]
-    else:
-        dims = list(zip(st.lower, st.upper, st.n)) if isinstance(st.n, list) else [(st.lower, st.upper, st.n)]
-        axes = [(k, min(k, 2 * math.ceil(min(9 * model.sigma * (k - 1) / (hi - lo), 1e15)) + 1)) for lo, hi, k in dims]
-    n = math.prod(k for k, _ in axes)
-    widths = tuple(w for _, w in axes)
-    bands = tuple(min(k, 2 * w) for k, w in axes)
-    extra = (ROW_BYTES * min(projected_steps(config), 1e15) + 8 * (config.output.snapshots + 1) * n
-             + (8 * m * m if m <= 600 else 0))
-    if config.flow.kind == "particles":  # positions, noise, drift and cell indices of every particle
-        extra += 32 * n * config.flow.particles
-    if len(axes) == 2:
-        stored = budget.window_bytes(n, m, *widths) <= budget.WINDOW_STORE_BYTES
-        return int(budget.memory_estimate(n, m, widths, bands, stored) + extra)
-    per_policy = 8 * n * m
-    kernel = per_policy * widths[0] + min(per_policy * bands[0], budget.DENSE_BAND_BYTES)
-    dense_lu = 8 * n * n if n <= bellman.DENSE_STATES else 0
-    return int(budget.BASE_BYTES + budget.POLICY_ARRAYS * per_policy + kernel + 12 * n * bands[0] + dense_lu
-               + budget.KERNEL_CHUNK_BYTES + budget.SOLVE_CHUNK_BYTES + budget.SNAPSHOT_BYTES + extra)
-
-
-def available_memory() -> int | None:
-    """``MemAvailable`` of ``/proc/meminfo``, bytes (None where there is no such file)."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
-
-
-def preflight(config: Config, model: models.Model, force_size: bool = False) -> None:
-    """Refuse, before anything is allocated or written, what cannot run: a mesh file DOLFINx would choke on, more
-    than :data:`MAX_STEPS` projected steps, or more memory (:func:`memory_needed`) than ``MemAvailable``. The size
-    limits are lifted by ``force_size`` (``wpgflow run --force-size``)."""
-    needed = memory_needed(config, model)  # checks a mesh file too (solver.config.inspect_xdmf)
-    if force_size:
-        return
-    steps = projected_steps(config)
-    if steps > MAX_STEPS:
-        raise ConfigError(f"flow.dt: t_end / dt = {steps:.3g} steps is more than {MAX_STEPS:,} (allowed: a larger "
-                          "flow.dt or a smaller flow.t_end, or --force-size)")
-    available = available_memory()
-    if available is not None and needed > available:
-        grid = "x".join(map(str, config.states.n)) if config.states and isinstance(config.states.n, list) else (
-            config.states.n if config.states else 1)
-        n = math.prod(config.states.n) if config.states and isinstance(config.states.n, list) else (
-            config.states.n if config.states else 1)
-        key = "states.n"  # the term that dominates the estimate
-        if ROW_BYTES * min(steps, 1e15) > needed / 2:
-            key = "flow.dt"
-        elif config.flow.kind == "particles" and 32 * n * config.flow.particles > needed / 2:
-            key = "flow.particles"
-        raise ConfigError(f"{key}: the run needs about {needed / 2 ** 30:.3g} GiB ({grid} states x "
-                          f"{action_dofs(config)} action DOFs) but {available / 2 ** 30:.3g} GiB are available "
-                          "(MemAvailable); allowed: smaller states.n / actions.cells / flow.particles, fewer steps "
-                          "(t_end / dt), or --force-size")
 
 
 def state_grid(config: Config, model: models.Model) -> np.ndarray:
@@ -243,71 +144,6 @@ def make_flow(problem: Problem, partition: parallel.Partition | None = None) -> 
     cls = flows.lookup(problem.config.flow.kind)
     cls.check(problem.config.flow, problem.mdp.space, partition)
     return cls(problem.mdp, problem.config.flow, partition, model=problem.model)
-
-
-class StopRequest:
-    """SIGINT / SIGTERM during a run (:func:`install_signal_handlers`): stop cleanly.
-
-    The first signal during the loop asks it to stop after the current step (the observers finish, a checkpoint of
-    that step is written, ``summary.json`` says ``interrupted``); a second one interrupts at once (the last
-    periodic checkpoint stays). Before the loop a signal interrupts at once (nothing has been written); while the
-    results are written the first one is only recorded (the plots are skipped), a second one interrupts (the
-    atomic writes leave no file cut short).
-    """
-
-    def __init__(self):
-        self.signum: int | None = None
-        self.phase = "setup"  # "setup" | "loop" | "writing"
-
-    def __call__(self, signum, frame) -> None:
-        first = self.signum is None
-        if first:
-            self.signum = signum
-        if self.phase == "setup" or not first:
-            raise KeyboardInterrupt
-        if self.phase == "loop":
-            import sys
-
-            print(f"\nwpgflow: {signal.Signals(signum).name}: stopping after this step (send it again to stop at "
-                  "once)", file=sys.stderr, flush=True)
-
-    @property
-    def requested(self) -> bool:
-        return self.signum is not None
-
-    def reset(self) -> None:
-        self.signum, self.phase = None, "setup"
-
-
-#: The stop request of this process (the handler of :func:`install_signal_handlers`).
-STOP = StopRequest()
-
-
-def install_signal_handlers() -> dict:
-    """Route SIGINT and SIGTERM to :data:`STOP` (main thread only); returns the previous handlers."""
-    STOP.reset()
-    previous = {}
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        try:
-            previous[signum] = signal.signal(signum, STOP)
-        except ValueError:  # not the main thread
-            pass
-    return previous
-
-
-def restore_signal_handlers(previous: dict) -> None:
-    for signum, handler in previous.items():
-        signal.signal(signum, handler)
-    STOP.reset()
-
-
-@dataclass
-class Resume:
-    """Where a resumed run starts: the checkpointed state (``p``, ``step``, ``t``, ``dt``, ``rejected`` and
-    ``flow``, :meth:`~solver.flows.base.Flow.checkpoint`'s arrays) and the history rows up to it."""
-
-    state: dict
-    rows: list[dict]
 
 
 def _failure(exc: BaseException) -> str:
@@ -583,7 +419,7 @@ def run_and_write(cfg: Config, out: Path, force: bool = False, progress_bar: boo
         if resume_from is not None:
             if root:
                 lock = outputs.RunLock(out)
-            resume_state = _load_resume(out, cfg)
+            resume_state = load_resume(out, cfg)
         elif root:
             lock = outputs.prepare_run_dir(out, force)
         if root:
@@ -601,9 +437,9 @@ def run_and_write(cfg: Config, out: Path, force: bool = False, progress_bar: boo
     try:
         setup_time = time.perf_counter() - start
         if resume_state is not None:
-            observers = _restore_observers(observers, resume_state)
+            observers = restore_observers(observers, resume_state)
         every = cfg.output.checkpoint_every
-        checkpoint = _Checkpointer(out, cfg, flow, observers, root) if every else None
+        checkpoint = Checkpointer(out, cfg, flow, observers, root) if every else None
         result = run(problem, observers, flow=flow, p0=p0, resume=resume_state, checkpoint=checkpoint,
                      checkpoint_every=every)
         if not root:
@@ -673,75 +509,6 @@ def _running_summary(problem: Problem, resume_state: Resume | None = None) -> di
     return {"status": "running", "message": f"running (pid {os.getpid()})", "model": cfg.mdp.model,
             "n_states": mdp.n_states, "n_action_dofs": mdp.n_actions, "J_star": problem.J_star,
             "resumed_from_step": int(resume_state.state["step"]) if resume_state is not None else None}
-
-
-class _Checkpointer:
-    """``checkpoint.npz`` of a run (:func:`solver.outputs.write_checkpoint`): the state's policy, step, time and
-    step size, the flow's own state (:meth:`~solver.flows.base.Flow.checkpoint`), the snapshots and local-rate rows
-    kept so far, and the config. ``history.csv`` holds the rows. Called on every rank; rank 0 writes."""
-
-    def __init__(self, out: Path, cfg: Config, flow: flows.Flow, observers: list[Observer], root: bool):
-        self.out, self.cfg, self.flow, self.observers, self.root = out, cfg, flow, observers, root
-
-    def __call__(self, state: flows.FlowState) -> None:
-        data = self.flow.checkpoint()  # collective under MPI
-        if not self.root:
-            return
-        arrays = {"p": state.p, **{f"flow.{k}": np.asarray(v) for k, v in data.items()}}
-        for i, o in enumerate(self.observers):
-            arrays |= {f"observer{i}.{k}": np.asarray(v) for k, v in o.checkpoint_state().items()}
-        meta = {"step": state.step, "t": state.t, "dt": state.dt, "rejected": state.rejected,
-                "kind": self.flow.kind, "wpgflow": __version__, "config": self.cfg.to_dict()}
-        outputs.write_checkpoint(self.out, arrays, meta)
-
-
-def _comparable(cfg_dict: dict) -> dict:
-    """A config dict without what ``--extend`` may change (``flow.t_end``)."""
-    return {**cfg_dict, "flow": {k: v for k, v in cfg_dict.get("flow", {}).items() if k != "t_end"}}
-
-
-def _load_resume(out: Path, cfg: Config) -> Resume:
-    """The :class:`Resume` of the run directory ``out``: its checkpoint and its history rows up to it.
-
-    Raises:
-        ConfigError: naming the file, if the checkpoint is missing, damaged or of another config, or if
-            ``history.csv`` does not reach the checkpoint.
-    """
-    links = [name for name in (*outputs.FILES, outputs.CHECKPOINT) if (out / name).is_symlink()]
-    if links:
-        raise ConfigError(f"--resume {out}: {links[0]} is a symlink; a run never writes through one (rerun with "
-                          "--force, which removes it)")
-    file = out / outputs.CHECKPOINT
-    if not file.exists():
-        raise ConfigError(f"--resume {out}: no {outputs.CHECKPOINT} (output.checkpoint_every = 0, or the run "
-                          "stopped before its first checkpoint); rerun it with --force")
-    arrays, meta = outputs.read_checkpoint(out)
-    try:
-        step, t = int(meta["step"]), float(meta["t"])
-        state = {"p": arrays["p"], "step": step, "t": t, "dt": float(meta["dt"]), "rejected": int(meta["rejected"]),
-                 "flow": {k[len("flow."):]: v for k, v in arrays.items() if k.startswith("flow.")},
-                 "arrays": arrays}
-    except (KeyError, TypeError, ValueError):
-        raise ConfigError(f"{file}: damaged (incomplete metadata)") from None
-    if _comparable(meta.get("config", {})) != _comparable(outputs.jsonable(cfg.to_dict())):
-        raise ConfigError(f"{file}: written for another config than {out / 'config.toml'}; rerun with --force")
-    if meta.get("kind") != cfg.flow.kind or state["p"].shape != (state["p"].shape[0], state["p"].shape[-1]):
-        raise ConfigError(f"{file}: written for another flow kind ({meta.get('kind')!r})")
-    rows = outputs.history_rows(out)
-    if len(rows) < step + 1 or rows[step]["t"] != t:
-        raise ConfigError(f"{out / 'history.csv'}: does not reach the checkpoint's step {step} (t = {t:g}); "
-                          "rerun with --force")
-    return Resume(state=state, rows=rows[:step + 1])
-
-
-def _restore_observers(observers: list[Observer], resume_state: Resume) -> list[Observer]:
-    """The observers as they were at the checkpoint: history rows replayed, the snapshots and local-rate rows
-    restored, and every schedule advanced over the times seen (the same calls as in the uninterrupted run)."""
-    arrays = resume_state.state["arrays"]
-    for i, o in enumerate(observers):
-        prefix = f"observer{i}."
-        o.resume(resume_state.rows, {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)})
-    return observers
 
 
 def resume(out: Path, extend: float | None = None, progress_bar: bool = False, force_size: bool = False) -> dict:

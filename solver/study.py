@@ -46,20 +46,18 @@ import copy
 import csv
 import json
 import math
-import multiprocessing
 import sys
 import time
 import tomllib
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from . import config as config_module
+from . import config as config_module, pool
 from .bellman import ConvergenceError
 from .config import ConfigError
-from .sweep import OK_STATUSES, workers_for
+from .sweep import OK_STATUSES
 
 AXES = ("mesh", "dt", "domain")
 
@@ -181,14 +179,7 @@ def plan(config_path: Path, overrides: list[str] = (), out: Path | None = None, 
             name = f"{axis}-{level}"
             runs.append(Run(axis, level, " ".join(items), run_raw, out / name, name, force))
     if not force:
-        for run in runs:
-            existing = [name for name in outputs.FILES if (run.out / name).exists()]
-            if existing:
-                raise ConfigError(f"--out {out}: run directory {run.run_dir} exists (has {existing[0]}); "
-                                  "use --force to overwrite or --out to choose another")
-        for name in ("study.csv", "study.png"):
-            if (out / name).exists():
-                raise ConfigError(f"--out {out}: {name} exists; use --force to overwrite or --out to choose another")
+        outputs.refuse_existing(out, [(run.run_dir, run.out) for run in runs], ("study.csv", "study.png"))
     return Plan(out=out, levels=levels, runs=runs, skipped=skipped, base_states=base_states)
 
 
@@ -229,52 +220,10 @@ def headline(summary: dict, run_dir: Path, base_states: list | None = None) -> d
 
 
 def run_all(study: Plan, jobs: int | None = None, on_done=None) -> list[dict]:
-    """Every run of ``study`` in a process pool ("spawn" workers that ignore SIGINT); results in plan order.
-
-    With one worker (``--jobs 1`` or one core) the runs go one after the other in this process.
-
-    On any exception (Ctrl-C included) the queued runs are cancelled, the workers terminated and reaped, and the
-    exception re-raised.
-    """
+    """Every run of ``study`` (:func:`solver.pool.run_all`; with one worker in this process); results in plan order."""
     results: list[dict | None] = [None] * len(study.runs)
-    if workers_for(jobs, len(study.runs)) == 1:  # one worker: in this process (no interpreter start-up)
-        for i, run in enumerate(study.runs):
-            results[i] = execute_run(run, study.base_states)
-            if on_done:
-                on_done(i, results[i])
-        return results
-    executor = ProcessPoolExecutor(max_workers=workers_for(jobs, len(study.runs)),
-                                   mp_context=multiprocessing.get_context("spawn"), initializer=ignore_sigint)
-    try:
-        pending: dict[Future, int] = {executor.submit(execute_run, run, study.base_states): i
-                                      for i, run in enumerate(study.runs)}
-        while pending:
-            done, _ = wait(pending, return_when=FIRST_COMPLETED)
-            for future in done:
-                i = pending.pop(future)
-                results[i] = future.result()
-                if on_done:
-                    on_done(i, results[i])
-    except BaseException:
-        processes = list((executor._processes or {}).values())
-        executor.shutdown(wait=False, cancel_futures=True)
-        for process in processes:
-            process.terminate()
-        for process in processes:
-            process.join(timeout=5)
-            if process.is_alive():
-                process.kill()
-                process.join()
-        raise
-    executor.shutdown(wait=True)
-    return results
-
-
-def ignore_sigint() -> None:
-    """Worker initialiser: Ctrl-C is the main process's business (it terminates the workers)."""
-    import signal
-
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    return pool.run_all(execute_run, [(run, study.base_states) for run in study.runs], results, jobs, on_done,
+                        inline=True)
 
 
 def observed_order(x0: float, x1: float, x2: float, factor: float) -> tuple[float | None, float | None]:
@@ -415,7 +364,7 @@ def command(args) -> int:
 
     if not args.quiet:
         print(f"study of {args.config}: {len(study.runs)} runs on "
-              f"{workers_for(args.jobs, len(study.runs))} worker processes", flush=True)
+              f"{pool.workers_for(args.jobs, len(study.runs))} worker processes", flush=True)
     results = run_all(study, args.jobs, report)
     rows, verdicts = analyse(study, results)
     write_csv(study.out, rows)

@@ -43,18 +43,14 @@ from __future__ import annotations
 import copy
 import csv
 import math
-import multiprocessing
-import os
-import signal
 import sys
 import time
 import tomllib
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from . import config as config_module, flows
+from . import config as config_module, flows, pool
 from .bellman import ConvergenceError
 from .config import ConfigError
 
@@ -184,14 +180,7 @@ def plan(config_path: Path, param: str | None = None, kinds: str | None = None, 
             run_dir = f"{kind}/{key}={value_label(value)}"
             tasks.append(Task(kind, key, value, run_raw, out / run_dir, run_dir, force))
     if not force:
-        for task in tasks:
-            existing = [name for name in outputs.FILES if (task.out / name).exists()]
-            if existing:
-                raise ConfigError(f"--out {out}: run directory {task.run_dir} exists (has {existing[0]}); "
-                                  "use --force to overwrite or --out to choose another")
-        for name in ("sweep.csv", "sweep.png"):
-            if (out / name).exists():
-                raise ConfigError(f"--out {out}: {name} exists; use --force to overwrite or --out to choose another")
+        outputs.refuse_existing(out, [(task.run_dir, task.out) for task in tasks], ("sweep.csv", "sweep.png"))
     return Plan(param=key, values=values, kinds=kind_list, out=out, tasks=tasks)
 
 
@@ -211,67 +200,24 @@ def execute_task(task: Task) -> dict:
         | {key: summary.get(key) for key in SUMMARY_COLUMNS}
 
 
-def _worker_init() -> None:
-    """Workers leave Ctrl-C to the main process, which terminates them (no half-dead pool, no tracebacks)."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
-def workers_for(jobs: int | None, n_tasks: int) -> int:
-    """``min(jobs, os.cpu_count(), n_tasks)``; ``jobs`` None means the core count."""
-    cores = os.cpu_count() or 1
-    if jobs is not None and jobs < 1:
-        raise ConfigError(f"--jobs: must be an integer >= 1 (got {jobs})")
-    return max(1, min(cores if jobs is None else jobs, cores, n_tasks))
-
-
 def run(sweep: Plan, jobs: int | None = None, on_done: Callable[[int, dict], None] | None = None) -> list[dict]:
-    """Run every task of ``sweep`` in a process pool; return the rows in grid order.
+    """Run every task of ``sweep`` in a process pool (:func:`solver.pool.run_all`); return the rows in grid order.
 
-    Workers are started with the "spawn" method (a fresh interpreter: no state inherited from the caller,
-    MPI and BLAS initialised per worker). On KeyboardInterrupt the workers are terminated and joined, the
-    rows finished so far (others ``interrupted``) are written to ``sweep.csv`` and the interrupt re-raised.
+    On KeyboardInterrupt the workers are terminated and joined, the rows finished so far (others
+    ``interrupted``) are written to ``sweep.csv`` and the interrupt re-raised.
     """
     rows: list[dict | None] = [None] * len(sweep.tasks)
-    executor = ProcessPoolExecutor(max_workers=workers_for(jobs, len(sweep.tasks)),
-                                   mp_context=multiprocessing.get_context("spawn"), initializer=_worker_init)
     try:
-        pending: dict[Future, int] = {executor.submit(execute_task, task): i for i, task in enumerate(sweep.tasks)}
-        while pending:
-            done, _ = wait(pending, return_when=FIRST_COMPLETED)
-            for future in done:
-                i = pending.pop(future)
-                rows[i] = future.result()
-                if on_done:
-                    on_done(i, rows[i])
-    except BaseException as exc:
-        _terminate(executor)
-        if isinstance(exc, KeyboardInterrupt):
-            write_csv(sweep.out, [row if row is not None else _interrupted(task) for row, task in
-                                  zip(rows, sweep.tasks)])
+        pool.run_all(execute_task, [(task,) for task in sweep.tasks], rows, jobs, on_done)
+    except KeyboardInterrupt:
+        write_csv(sweep.out, [row if row is not None else _interrupted(task) for row, task in zip(rows, sweep.tasks)])
         raise
-    executor.shutdown(wait=True)
     return rows
 
 
 def _interrupted(task: Task) -> dict:
     return {"kind": task.kind, "param": task.param, "value": task.value, "status": "interrupted",
             "run_dir": task.run_dir}
-
-
-def _terminate(executor: ProcessPoolExecutor) -> None:
-    """Stop the pool now: cancel queued runs, terminate the running workers and reap them (no zombies).
-
-    ``ProcessPoolExecutor`` has no public terminate; its ``_processes`` (pid -> Process) is the only handle.
-    """
-    processes = list((executor._processes or {}).values())
-    executor.shutdown(wait=False, cancel_futures=True)
-    for process in processes:
-        process.terminate()
-    for process in processes:
-        process.join(timeout=5)
-        if process.is_alive():
-            process.kill()
-            process.join()
 
 
 def write_csv(out: Path, rows: list[dict]) -> Path:
@@ -322,7 +268,7 @@ def _line(sweep: Plan, row: dict) -> str:
 def command(args) -> int:
     """``wpgflow sweep``: plan, run, write ``sweep.csv`` and ``sweep.png``; 1 if any run failed, else 0."""
     sweep = plan(args.config, args.param, args.kinds, args.overrides, args.out, args.force)
-    workers = workers_for(args.jobs, len(sweep.tasks))
+    workers = pool.workers_for(args.jobs, len(sweep.tasks))
     start = time.perf_counter()
     done = 0
 

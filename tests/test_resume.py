@@ -2,7 +2,7 @@
 uninterrupted run bit for bit (history.csv, solution.npz, rates.csv), for every flow kind; equal inputs give
 byte-identical files.
 
-The stop of the in-process tests is the one SIGTERM makes (:data:`solver.runner.STOP`, set by an observer at a
+The stop of the in-process tests is the one SIGTERM makes (:data:`solver.checkpoint.STOP`, set by an observer at a
 chosen step), so they run in a second; one test sends a real SIGTERM to a ``wpgflow run`` subprocess.
 """
 
@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from solver import cli, outputs, runner
+from solver import checkpoint, cli, outputs, runner
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -75,7 +75,7 @@ def same_results(a: Path, b: Path) -> None:
 
 
 class StopAt(runner.Observer):
-    """Asks the run to stop after step ``step`` (as SIGTERM does; :class:`solver.runner.StopRequest`), or, with
+    """Asks the run to stop after step ``step`` (as SIGTERM does; :class:`solver.checkpoint.StopRequest`), or, with
     ``at_once``, interrupts it there (as a second signal does: no checkpoint of that step)."""
 
     def __init__(self, step: int, at_once: bool = False):
@@ -85,7 +85,7 @@ class StopAt(runner.Observer):
         if state is not None and state.step == self.step:
             if self.at_once:
                 raise KeyboardInterrupt
-            runner.STOP.signum = signal.SIGTERM
+            checkpoint.STOP.signum = signal.SIGTERM
 
 
 def interrupted_run(monkeypatch, config: Path, out: Path, step: int, at_once: bool = False) -> int:

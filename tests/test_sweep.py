@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from solver import cli, config, sweep
+from solver import cli, config, pool, sweep
 from solver.config import ConfigError
 
 EXPERIMENTS = Path(__file__).resolve().parent.parent / "experiments"
@@ -165,10 +165,10 @@ def test_nothing_is_overwritten_without_force(tmp_path, bandit_config, capsys):
 
 def test_workers_are_capped_by_the_cores():
     cores = os.cpu_count() or 1
-    assert sweep.workers_for(None, 100) == cores
-    assert sweep.workers_for(10 * cores, 100) == cores
-    assert sweep.workers_for(None, 1) == 1
-    assert sweep.workers_for(1, 100) == 1
+    assert pool.workers_for(None, 100) == cores
+    assert pool.workers_for(10 * cores, 100) == cores
+    assert pool.workers_for(None, 1) == 1
+    assert pool.workers_for(1, 100) == 1
 
 
 def _children(pid):
