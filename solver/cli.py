@@ -1,4 +1,4 @@
-"""Command line: ``wpgflow run CONFIG``, ``wpgflow plot RUN_DIR``, ``wpgflow animate RUN_DIR`` (:mod:`solver.animate`),
+"""Command line: ``wpgflow run CONFIG``, ``wpgflow plot RUN_DIR``, ``wpgflow animate RUN_DIR`` (:mod:`solver.plots.animate`),
 ``wpgflow sweep CONFIG`` (:mod:`solver.sweep`) and ``wpgflow lsi RUN_DIR`` (:mod:`solver.lsi`).
 
 Exit codes: 0 success; 1 the run failed numerically (what was computed is kept); 2 bad input (one line on
@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "lsi":
             return _lsi(args)
         if args.command == "animate":
-            from .animate import animate
+            from .plots.animate import animate
             print(animate(args.run_dir, args.out, args.fps))
             return 0
         return _plot(args)

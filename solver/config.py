@@ -206,7 +206,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "snapshots": Key(int, 20, _snapshots),
         # steps between two checkpoints (checkpoint.npz, for ``wpgflow run --resume``); 0 = none
         "checkpoint_every": Key(int, 100, lambda x: None if x >= 0 else "must be an integer >= 0 (0: no checkpoints)"),
-        "animation": Key(bool, False),  # density.gif at the end of the run (solver/animate.py)
+        "animation": Key(bool, False),  # density.gif at the end of the run (solver/plots/animate.py)
     },
     "sweep": {
         "param": Key(str, REQUIRED, dotted_key_problem),

@@ -374,7 +374,7 @@ def _plot_and_finish(cfg: Config, out: Path, summary: dict, root: bool) -> None:
         start = time.perf_counter()
         plots.plot_run(out)
         if cfg.output.animation:
-            from .animate import animate
+            from .plots.animate import animate
             animate(out)
         summary["plot_time_s"] = time.perf_counter() - start  # plots (and the movie): after wall_time_s
         outputs.write_summary(out, summary)

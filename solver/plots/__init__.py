@@ -47,8 +47,8 @@ import numpy as np  # noqa: E402
 from matplotlib.colors import LogNorm  # noqa: E402
 from matplotlib.ticker import FuncFormatter, MaxNLocator, NullFormatter  # noqa: E402
 
-from . import oracles  # noqa: E402
-from .outputs import read_run, shown_states, snapshot_rows  # noqa: E402
+from .. import oracles  # noqa: E402
+from ..outputs import read_run, shown_states, snapshot_rows  # noqa: E402
 
 #: Models whose action reward is a double well with barrier ``depth`` (Arrhenius panel of ``sweep.png``).
 BARRIER_MODELS = ("double_well", "double_well_bandit")

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import ConfigError
-from .outputs import read_run
-from .plots import distinct_columns, run_config, run_title, shown_snapshots, state_label, time_label
+from ..config import ConfigError
+from ..outputs import read_run
+from . import distinct_columns, run_config, run_title, shown_snapshots, state_label, time_label
 
 #: Default frames per second of ``density.gif``.
 FPS = 8
