@@ -1,8 +1,9 @@
-"""Command line: ``wpgflow run CONFIG``, ``wpgflow plot RUN_DIR``, ``wpgflow animate RUN_DIR`` (:mod:`solver.plots.animate`),
-``wpgflow sweep CONFIG`` (:mod:`solver.sweep`) and ``wpgflow lsi RUN_DIR`` (:mod:`solver.lsi`).
+"""Command line: ``wpgflow run``, ``plot``, ``animate`` (:mod:`solver.plots.animate`), ``sweep`` (:mod:`solver.sweep`),
+``study`` (:mod:`solver.study`), ``lsi`` (:mod:`solver.along_flow`), ``hypotheses`` (:mod:`solver.hypotheses`) and
+``search`` (:mod:`solver.search`): argparse and printing only; the work is in :mod:`solver.runner` and those modules.
 
 Exit codes: 0 success; 1 the run failed numerically (what was computed is kept); 2 bad input (one line on
-stderr naming the key and what is allowed; nothing is written).
+stderr naming the key and what is allowed; nothing is written); 130 / 143 interrupted by SIGINT / SIGTERM.
 """
 
 from __future__ import annotations
