@@ -37,9 +37,12 @@ from .observers import Observer, Schedule
 from .outputs import RATES_COLUMNS, write_rates
 
 #: Gaps below ``GAP_FLOOR * max(1, |J*|)`` are not tested (``holds`` NaN): there the round-off in ``J* - J``
-#: (~1e-13 |J|, theory.md §8.6, plus the mass drift of ~4e-16 per step, which moves J by ~tau drift / (1 - gamma))
-#: is no longer small against the gap.
+#: (~1e-13 |J|, theory.md §8.6) is no longer small against the gap. Nor are gaps below
+#: ``MASS_FLOOR * max|Q| * mass_error / (1 - gamma)``: a policy whose mass is off by ``mass_error`` (round-off of the
+#: solves, which grows with ``dt``: 7e-12 per step at ``dt = 1e4`` on a deep double well) moves ``J`` by about
+#: ``max|Q| mass_error / (1 - gamma)``, and a gap at that floor says nothing about the rate.
 GAP_FLOOR = 1e-9
+MASS_FLOOR = 10.0
 
 #: A bound below this fraction of its reference is *uninformative*: the certified bound against the measured rate
 #: (``certified_status``), a state's continuum ``C_lo`` against its Poincaré scale ``ell_s / tau``.
@@ -289,7 +292,10 @@ class LocalRates(Observer):
         self.vacuous.update(int(i) for i in np.flatnonzero(~sc.informative))
         C_lo = float(sc.C_lo[sc.informative].min()) if sc.informative.any() else math.nan
         continuum = 2.0 * mdp.tau * C_lo / kappa
-        tested = gap > GAP_FLOOR * max(1.0, abs(J_star))
+        mass_error = float(np.max(np.abs(state.p @ mdp.weights - 1.0)))
+        floor = max(GAP_FLOOR * max(1.0, abs(J_star)),
+                    MASS_FLOOR * float(np.max(np.abs(ev.Q))) * mass_error / (1.0 - mdp.gamma))
+        tested = gap > floor
         r = rate_J / gap if tested else math.nan
         nan = math.nan
         self.rows.append((state.t, r, kappa, certified, float(r >= certified) if tested else nan,
