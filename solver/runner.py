@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import os
 import signal
+import sys
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -372,10 +373,15 @@ def _plot_and_finish(cfg: Config, out: Path, summary: dict, root: bool) -> None:
     if root and summary["status"] in ("converged", "t_end") and not STOP.requested:  # the plots read the files
         _return_freed_memory()
         start = time.perf_counter()
-        plots.plot_run(out)
-        if cfg.output.animation:
-            from .plots.animate import animate
-            animate(out)
+        try:
+            plots.plot_run(out)
+            if cfg.output.animation:
+                from .plots.animate import animate
+                animate(out)
+        except Exception as exc:  # noqa: BLE001 - a figure must never cost a run its results (all written by now)
+            summary["plot_error"] = " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
+            print(f"wpgflow: warning: drawing the figures failed ({summary['plot_error']}); the results in {out}/ "
+                  f"are complete ('wpgflow plot {out}' retries)", file=sys.stderr)
         summary["plot_time_s"] = time.perf_counter() - start  # plots (and the movie): after wall_time_s
         outputs.write_summary(out, summary)
 

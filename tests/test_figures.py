@@ -195,3 +195,25 @@ def test_sweep_figure(tmp_path, monkeypatch, name):
     assert len(axes) == (3 if barrier else 2)
     if barrier:
         assert any("barrier" in t for t in axes[2]["legend"]) and any("Eyring" in t for t in axes[2]["legend"])
+
+
+def test_regularity_figure_survives_infinite_ratios(figures, tmp_path):
+    """p / G is inf where G underflows (the tau = 0.1 LQR sweep run): regularity.png must still be drawn, and
+    RuntimeWarnings (overflow in matplotlib's log ticks) are errors here (setup.cfg)."""
+    import csv
+    import shutil
+
+    from solver import plots
+
+    run = tmp_path / "run"
+    shutil.copytree(figures["lqr_1d"][0], run)
+    with open(run / "hypotheses.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    for k, row in enumerate(rows):
+        row["ratio_max"] = "inf" if k % 2 else "1e308"
+        row["ratio_min"] = "0.0"
+    with open(run / "hypotheses.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    assert plots.plot_regularity(run) == run / "regularity.png"

@@ -764,6 +764,17 @@ def _csv_columns(file: Path) -> dict[str, np.ndarray]:
     return {c: np.array([float(r[c]) for r in rows]) for c in (rows[0].keys() if rows else ())}
 
 
+#: Values drawn on a log axis are capped here (a ratio ``p / G`` is ``inf`` where ``G`` underflowed): matplotlib's
+#: log ticks overflow on ``inf`` and, with the axis margins, on values within ~20 decades of the largest double.
+LOG_CAP = 1e200
+
+
+def _loggable(y: np.ndarray) -> np.ndarray:
+    """``y`` for a log axis: ``+inf`` and values above :data:`LOG_CAP` drawn at the cap, non-positive as gaps."""
+    y = np.where(np.isposinf(y), LOG_CAP, np.asarray(y, dtype=float))
+    return np.where(np.isfinite(y) & (y > 0), np.minimum(y, LOG_CAP), np.nan)
+
+
 def plot_regularity(path: Path) -> Path | None:
     """``regularity.png`` from ``hypotheses.csv``: over flow time, the worst over states of ``sup|d_a Q|``,
     ``sup|Hess_a Q|`` and ``osc_a Q`` against their a-priori bounds (dashed), the semiconvexity constant, the
@@ -778,6 +789,7 @@ def plot_regularity(path: Path) -> Path | None:
     times = np.unique(c["t"])
 
     def per_t(values, reduce):
+        values = np.where(np.isposinf(values), LOG_CAP, values)  # inf ratios: off the scale, not a failure
         return np.array([reduce(values[c["t"] == t]) if np.isfinite(values[c["t"] == t]).any() else np.nan
                          for t in times])
 
@@ -788,8 +800,8 @@ def plot_regularity(path: Path) -> Path | None:
     for k, (q, b, label) in enumerate((("dQ_sup", "dQ_bound", r"$\sup|\partial_a Q|$"), (None, "d2Q_bound",
                                        r"$\sup|\partial_a^2 Q|$"), ("oscQ", "oscQ_bound", r"osc$_a Q$"))):
         measured = d2 if q is None else c[q]
-        ax.plot(tt, per_t(measured, np.nanmax), "o-", color=f"C{k}", label=label)
-        bound = per_t(c[b], np.nanmax)
+        ax.plot(tt, _loggable(per_t(measured, np.nanmax)), "o-", color=f"C{k}", label=label)
+        bound = _loggable(per_t(c[b], np.nanmax))
         if np.isfinite(bound).any():
             ax.plot(tt, bound, "--", color=f"C{k}", label=f"bound ({label})")
     ax.set_xscale("log")
@@ -799,9 +811,11 @@ def plot_regularity(path: Path) -> Path | None:
     ax.set_title("regularity of $Q^{\\pi_t}$ (worst state) and a-priori bounds")
     ax.legend(fontsize=7)
     ax = axes[1]
-    ax.plot(tt, per_t(c["semiconvexity"], np.nanmin), "o-", label=r"semiconvexity $\min\lambda(\nabla^2(-Q/\tau+U))$")
-    ax.plot(tt, per_t(c["fisher_info"], np.nanmax), "s-", label=r"Fisher information $4\|\nabla\sqrt{p}\|^2$")
-    ax.plot(tt, per_t(c["grad_log_p_sup"], np.nanmax), "^-", label=r"$\sup|\nabla\log p|$")
+    ax.plot(tt, np.clip(per_t(c["semiconvexity"], np.nanmin), -LOG_CAP, LOG_CAP), "o-",
+            label=r"semiconvexity $\min\lambda(\nabla^2(-Q/\tau+U))$")
+    ax.plot(tt, np.clip(per_t(c["fisher_info"], np.nanmax), -LOG_CAP, LOG_CAP), "s-",
+            label=r"Fisher information $4\|\nabla\sqrt{p}\|^2$")
+    ax.plot(tt, np.clip(per_t(c["grad_log_p_sup"], np.nanmax), -LOG_CAP, LOG_CAP), "^-", label=r"$\sup|\nabla\log p|$")
     ax.set_xscale("log")
     ax.set_yscale("symlog", linthresh=1e-2)
     ax.set_xlabel("t")
@@ -809,12 +823,12 @@ def plot_regularity(path: Path) -> Path | None:
     ax.set_title("regularity of the solution (worst state)")
     ax.legend(fontsize=7)
     ax = axes[2]
-    ax.plot(tt, per_t(c["ratio_min"], np.nanmin), "o-", label=r"$\min p_t/G_t$")
-    ax.plot(tt, per_t(c["ratio_max"], np.nanmax), "s-", label=r"$\max p_t/G_t$")
+    ax.plot(tt, _loggable(per_t(c["ratio_min"], np.nanmin)), "o-", label=r"$\min p_t/G_t$")
+    ax.plot(tt, _loggable(per_t(c["ratio_max"], np.nanmax)), "s-", label=r"$\max p_t/G_t$")
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("t")
-    ax.set_ylabel(r"$p_t/G_t$ (log scale)")
+    ax.set_ylabel(r"$p_t/G_t$ (log scale; $\infty$ drawn at $10^{200}$)")
     ax.set_title("density ratio to the Gibbs policy")
     ax.legend(fontsize=7)
     for ax in axes:
