@@ -293,7 +293,7 @@ def summarise(problem: Problem, result: RunResult, setup_time: float, flow: flow
     if mdp.n_actions > 1:
         at_optimum = along_flow.optimum_summary(problem, ell)
         summary["lsi_bracket"] = at_optimum["lsi_bracket"]
-        if flow.kind == "wasserstein":
+        if flow.fokker_planck:
             summary["predicted_rate_bound"] = at_optimum["predicted_rate_bound"]
     # rate verdicts: asymptotic regime, excited modes, boundary-affected states (solver.modes, theory.md §10.2)
     summary.update(modes.rate_summary(problem, result.final.p if result.final is not None else None, flow, fit,
@@ -330,7 +330,7 @@ def run_observers(problem: Problem, out: Path, progress_bar: bool = False) -> li
     observers: list[Observer] = [
         HistoryCSV(out),
         Snapshots(Schedule(*schedule), outputs.snapshot_states(mdp.n_states, mdp.n_actions, cfg.output.snapshots))]
-    if cfg.flow.kind == "wasserstein" and mdp.n_actions > 1:
+    if flows.lookup(cfg.flow.kind).fokker_planck and mdp.n_actions > 1:
         observers.append(along_flow.LocalRates(problem, schedule=Schedule(*schedule), out=out))
     observers.append(ledger.Ledger(problem, Schedule(*schedule), out, peers=observers))  # hypotheses.csv
     if progress_bar:

@@ -93,6 +93,8 @@ class Flow:
         actions_2d: supports 2D action domains.
         linear_rate: the gap decays at a linear rate, so fitting and predicting one makes sense.
         integrators: the ``flow.integrator`` values it runs ("implicit"; the WPG flow also "exponential").
+        fokker_planck: its step is the discrete Fokker-Planck generator of theory.md §3, so the along-flow rate
+            check (certified bound, theory.md §10.1) and the LSI rate bound apply to it.
 
     Args:
         mdp: the discrete MDP.
@@ -107,6 +109,7 @@ class Flow:
     actions_2d: ClassVar[bool] = True
     linear_rate: ClassVar[bool] = True
     integrators: ClassVar[tuple[str, ...]] = ("implicit",)
+    fokker_planck: ClassVar[bool] = False
 
     def __init__(self, mdp: MDP, config, partition: Partition, model=None):
         self.mdp, self.config, self.partition, self.model = mdp, config, partition, model

@@ -67,6 +67,7 @@ class Wasserstein(Flow):
     mpi = True
     adaptive = True
     integrators = ("implicit", "exponential")  # flow.integrator values this kind runs
+    fokker_planck = True
 
     @classmethod
     def check(cls, config, space, partition) -> None:
