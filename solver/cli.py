@@ -229,9 +229,14 @@ def _verdict_lines(s: dict) -> list[str]:
         return []
     lines = []
     if s.get("predicted_rate_excited") is not None:
+        span = "over the fitted span" if s.get("modes_span") else "at the end of the run"
+        ratio = s.get("modes_rate_ratio")
+        lines.append(f"  excited modes predict {s['predicted_rate_excited']:.6g} {span}"
+                     + (f" (measured / predicted {ratio:.4f})" if ratio is not None else ""))
         lines.append(f"  slowest mode: state {s['slowest_state']}; slowest excited mode: state "
                      f"{s['slowest_excited_state']} (mode {s['slowest_excited_mode']}), rate "
-                     f"{s['predicted_rate_excited']:.6g}")
+                     f"{s['slowest_excited_rate']:.6g}; dominant: state {s['dominant_state']}, rate "
+                     f"{s['predicted_rate_dominant']:.6g}")
     elif s.get("slowest_state") is not None:
         lines.append(f"  slowest mode: state {s['slowest_state']}; not in the linear regime (gap at state "
                      f"{s['gap_state']}): no mode prediction")

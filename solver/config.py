@@ -5,7 +5,9 @@ Schema (every key optional unless marked *required*; defaults in :data:`SCHEMA`)
     [mdp]     model*, gamma*, tau*, params = {...}
     [states]  lower, upper, n                       (omit for one-state models such as "bandit"); numbers for
               a uniform 1D grid, or lower = [x0, y0], upper = [x1, y1], n = [nx, ny] for a 2D grid (states
-              ordered row-major over (nx, ny); the model must have state_dim = 2)
+              ordered row-major over (nx, ny); the model must have state_dim = 2); rho_lower, rho_upper
+              (same shape): the initial-state distribution rho is uniform on the grid points in that box
+              (default: the whole grid; ``wpgflow study`` keeps it on the base box when it enlarges the domain)
     [actions] domain, lower, upper, cells, resolution, radius, scale, center,
               reference = "lebesgue" | "gaussian", reference_std
     [flow]    kind (a key of solver.flows.KINDS, e.g. "wasserstein"), scheme = "sg" | "sqra",
@@ -169,6 +171,8 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "lower": Key(object, -1.0),
         "upper": Key(object, 1.0),
         "n": Key(object, 1),
+        "rho_lower": Key(object, None),
+        "rho_upper": Key(object, None),
     },
     "actions": {  # lower, upper, cells, center: checked per domain by _check_actions (None = not given)
         "domain": Key(str, "interval", _domain),
@@ -231,6 +235,8 @@ class StatesConfig:
     lower: float | list
     upper: float | list
     n: int | list
+    rho_lower: float | list | None = None
+    rho_upper: float | list | None = None
 
 
 @dataclass(frozen=True)
@@ -302,6 +308,8 @@ class Config:
             if d[name] is None:
                 del d[name]
         d["actions"] = {k: v for k, v in d["actions"].items() if v is not None}
+        if "states" in d:
+            d["states"] = {k: v for k, v in d["states"].items() if v is not None}
         return d
 
 
@@ -432,7 +440,11 @@ def _check_states(st: StatesConfig) -> StatesConfig:
         if not upper - lower >= 1e-9 * max(1.0, abs(lower), abs(upper)):
             raise ConfigError(f"states.lower: must be < states.upper, by at least 1e-9 of their magnitude "
                               f"(got {lower}, {upper})")
-        return replace(st, lower=lower, upper=upper, n=n)
+        box = [_coerce(f"states.{k}", getattr(st, k), float) if getattr(st, k) is not None else None
+               for k in ("rho_lower", "rho_upper")]
+        rho = _check_rho_box([[b] if b is not None else None for b in box], [lower], [upper])
+        rho_lower, rho_upper = (None if b is None else b[0] for b in rho)
+        return replace(st, lower=lower, upper=upper, n=n, rho_lower=rho_lower, rho_upper=rho_upper)
     if not all(two_d):
         key = ("lower", "upper", "n")[two_d.index(False)]
         raise ConfigError(f"states.{key}: must be a list [x, y] like the other [states] keys of a 2D state grid "
@@ -443,7 +455,26 @@ def _check_states(st: StatesConfig) -> StatesConfig:
         raise ConfigError(f"states.n: must be a list [nx, ny] of two integers >= 2 for a 2D state grid (got {n!r})")
     if not all(lo < hi for lo, hi in zip(lower, upper)):
         raise ConfigError(f"states.lower: must be < states.upper in both coordinates (got {lower}, {upper})")
-    return replace(st, lower=lower, upper=upper, n=list(n))
+    box = [_vector(f"states.{k}", getattr(st, k)) if getattr(st, k) is not None else None
+           for k in ("rho_lower", "rho_upper")]
+    rho = _check_rho_box(box, lower, upper)
+    return replace(st, lower=lower, upper=upper, n=list(n), rho_lower=rho[0], rho_upper=rho[1])
+
+
+def _check_rho_box(box: list, lower: list[float], upper: list[float]) -> list:
+    """``[states] rho_lower, rho_upper``: the box (per axis) on whose grid points the initial-state distribution
+    ``rho`` is uniform; each defaults to the grid's end, must lie in ``[lower, upper]`` and be ordered. Returns
+    ``[rho_lower, rho_upper]`` as given (None where not given)."""
+    lo = box[0] if box[0] is not None else lower
+    hi = box[1] if box[1] is not None else upper
+    for key, values in (("rho_lower", lo), ("rho_upper", hi)):
+        for v, a, b in zip(values, lower, upper):
+            if not (math.isfinite(v) and a - 1e-9 * max(1.0, abs(a)) <= v <= b + 1e-9 * max(1.0, abs(b))):
+                raise ConfigError(f"states.{key}: must lie within [states.lower, states.upper] = [{lower}, {upper}] "
+                                  f"(got {values})")
+    if not all(a <= b for a, b in zip(lo, hi)):
+        raise ConfigError(f"states.rho_lower: must be <= states.rho_upper (got {lo}, {hi})")
+    return box
 
 
 def _vector(full: str, value: Any) -> list[float]:

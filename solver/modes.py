@@ -30,7 +30,7 @@ of the truncated MDP, not of the theory (an enlarged state domain changes it: ``
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import scipy.linalg as sla
@@ -39,10 +39,12 @@ import scipy.sparse.linalg as spla
 from scipy.special import ndtr
 
 from . import bellman, budget
+from .diagnostics import RATE_WINDOW
 from .fem import ActionSpace
-from .flows.base import potential
+from .flows.base import FlowState, potential
 from .flows.fokker_planck import edge_rates, incidence
 from .mdp import MDP
+from .observers import Observer
 
 #: Non-zero modes per state whose amplitudes are computed (the slowest few set the rate).
 MODES_PER_STATE = 6
@@ -196,25 +198,10 @@ def analyse(mdp: MDP, optimum: bellman.Optimum, p: np.ndarray, scheme: str = "sg
     with the largest parts of the gap, half with the smallest ``ell_star``; the others get no modes (``ell``
     inf, ``terms`` 0). The ``(N, M)`` work arrays are built in chunks of states (memory does not grow with ``N``).
     """
-    w = mdp.weights
     n = mdp.n_states
-    evaluation = bellman.evaluate(mdp, optimum.p)
-    d_star = (1.0 - mdp.gamma) * evaluation.resolvent_adjoint(mdp.rho)
-    evaluation.resolvent.release()
-    W = d_star / (1.0 - mdp.gamma)
-    if gap is None:
-        current = bellman.evaluate(mdp, p)
-        current.resolvent.release()
-        gap = float(mdp.rho @ optimum.V) - float(mdp.rho @ current.V)
+    W, chi2, gap_shares, gap = state_parts(mdp, optimum, p, gap)
     count = min(count, mdp.n_actions - 2)
-    log_w = np.log(w)
-    chi2, kl = np.empty(n), np.empty(n)
-    for rows in budget.chunks(n, 8 * 8 * mdp.n_actions):
-        log_G = bellman.log_gibbs(mdp, optimum.Q[rows])[0]
-        x = _deviation(p[rows], log_w, log_G)
-        chi2[rows] = np.einsum("ij,ij->i", x, x)
-        kl[rows] = bellman.kl_divergence(mdp, p[rows], log_G)
-    gap_shares = mdp.tau * d_star * kl / (1.0 - mdp.gamma)
+    log_w = np.log(mdp.weights)
     chosen = np.arange(n)
     if not mdp.space.is_chain and n > MODES_MAX_STATES:
         half = MODES_MAX_STATES // 2
@@ -246,6 +233,31 @@ def analyse(mdp: MDP, optimum: bellman.Optimum, p: np.ndarray, scheme: str = "sg
         dominant = (int(s), float(ell[s, k]), int(k) + 1)
     return ModeReport(ell=ell, terms=terms, gap_shares=gap_shares, linear_ratio=linear_ratio, gap=gap,
                       slowest=slowest, slowest_excited=slowest_excited, dominant=dominant)
+
+
+def state_parts(mdp: MDP, optimum: bellman.Optimum, p: np.ndarray, gap: float | None = None
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+    """``(W, chi2, gap_shares, gap)`` of the policy ``p`` (:class:`ModeReport`): ``W_s = d*_rho(s) / (1 - gamma)``,
+    ``chi^2(pi_s || G*_s)``, each state's part ``tau W_s KL(pi_s || G*_s)`` of the gap, and ``J* - J`` (evaluated
+    unless given). Cost: one or two policy evaluations; ``(chunk, M)`` work arrays only."""
+    w = mdp.weights
+    n = mdp.n_states
+    evaluation = bellman.evaluate(mdp, optimum.p)
+    d_star = (1.0 - mdp.gamma) * evaluation.resolvent_adjoint(mdp.rho)
+    evaluation.resolvent.release()
+    W = d_star / (1.0 - mdp.gamma)
+    if gap is None:
+        current = bellman.evaluate(mdp, p)
+        current.resolvent.release()
+        gap = float(mdp.rho @ optimum.V) - float(mdp.rho @ current.V)
+    log_w = np.log(w)
+    chi2, kl = np.empty(n), np.empty(n)
+    for rows in budget.chunks(n, 8 * 8 * mdp.n_actions):
+        log_G = bellman.log_gibbs(mdp, optimum.Q[rows])[0]
+        x = _deviation(p[rows], log_w, log_G)
+        chi2[rows] = np.einsum("ij,ij->i", x, x)
+        kl[rows] = bellman.kl_divergence(mdp, p[rows], log_G)
+    return W, chi2, mdp.tau * W * kl, gap
 
 
 def _deviation(p: np.ndarray, log_w: np.ndarray, log_G: np.ndarray) -> np.ndarray:
@@ -362,19 +374,176 @@ def boundary_report(problem, p: np.ndarray | None = None) -> dict:
             "affected": [int(s) for s in affected]}
 
 
+class WindowStart(Observer):
+    """Keeps the first policy of a run whose gap has entered the rate-fit window (``gap <= RATE_WINDOW[1]``).
+
+    Its mode amplitudes, propagated by the linearised flow, predict the whole decay over the fitted span
+    (:func:`mode_mixture`); one ``(N, M)`` copy is kept, and it goes into the checkpoint (a resumed run predicts
+    from the same policy).
+    """
+
+    def __init__(self, upper: float = RATE_WINDOW[1]):
+        self.upper = upper
+        self.t = self.gap = None
+        self.p: np.ndarray | None = None
+
+    def observe(self, row: dict, state: FlowState) -> None:
+        if self.p is None and 0 < row["gap"] <= self.upper:
+            self.t, self.gap, self.p = float(row["t"]), float(row["gap"]), np.array(state.p)
+
+    def checkpoint_state(self) -> dict:
+        return {} if self.p is None else {"p": self.p, "t_gap": np.array([self.t, self.gap])}
+
+    def restore_state(self, data: dict) -> None:
+        if "p" in data:
+            self.p = np.array(data["p"])
+            self.t, self.gap = (float(x) for x in data["t_gap"])
+
+
+@dataclass(frozen=True)
+class ModalPrediction:
+    """What the linearised, decoupled flow predicts for ``J* - J`` from a policy's mode terms (theory.md §10.2).
+
+    Each mode's term decays like ``exp(-r_{s,k} (t - t0))``, ``r = flow.predicted_rate(ell_{s,k})`` (for implicit
+    Euler exactly ``(1 + dt ell)^{-2n}``), so the gap is predicted as ``sum_{s,k} T_{s,k} exp(-r_{s,k} (t - t0))``.
+
+    Attributes:
+        rates: ``(N, K)`` each mode's gap rate (nan without a mode).
+        terms_end: ``(N, K)`` each mode's part of the gap at ``span[1]``.
+        span: ``(t0, t1)``: from the analysed policy to the end of the fitted points (``t0 == t1``: the analysed
+            policy is the last one, and ``rate`` is the instantaneous modal rate there).
+        rate: the modes' rate over ``span``: the log-slope of the predicted gap on the fitted points of the span
+            (instantaneous: ``sum r T / sum T``).
+        measured: the measured rate on the same points (instantaneous: the fit's last local rate).
+        linear_ratio: of the analysed policy (:attr:`ModeReport.linear_ratio`).
+    """
+
+    rates: np.ndarray
+    terms_end: np.ndarray
+    span: tuple[float, float]
+    rate: float
+    measured: float | None
+    linear_ratio: float
+
+    def rate_of(self, states: np.ndarray) -> float | None:
+        """The modes' rate over the span restricted to the states ``states`` (bool ``(N,)``): as :attr:`rate`,
+        from the instantaneous terms at the end of the span (None if those states carry no term)."""
+        terms = np.where(states[:, None] & np.isfinite(self.rates), self.terms_end, 0.0)
+        total = float(terms.sum())
+        return float(np.nansum(np.where(terms > 0, self.rates, 0.0) * terms) / total) if total > 0 else None
+
+    def excited(self) -> np.ndarray:
+        """``(N, K)`` bool: the modes whose term at the end of the span is at least :data:`EXCITED_SHARE` of the
+        largest (an unexcited mode stays invisible over the five decades of the fit window)."""
+        return np.isfinite(self.rates) & (self.terms_end >= EXCITED_SHARE * float(np.max(self.terms_end)))
+
+    def slowest_excited(self) -> tuple[int, int, float]:
+        """``(state, mode index, rate)`` of the slowest excited mode: the rate the run tends to after the span."""
+        masked = np.where(self.excited(), self.rates, np.inf)
+        s, k = np.unravel_index(int(np.argmin(masked)), masked.shape)
+        return int(s), int(k) + 1, float(self.rates[s, k])
+
+    def dominant(self) -> tuple[int, int, float]:
+        """``(state, mode index, rate)`` of the mode with the largest term at the end of the span."""
+        s, k = np.unravel_index(int(np.argmax(np.where(np.isfinite(self.rates), self.terms_end, -1.0))),
+                                self.rates.shape)
+        return int(s), int(k) + 1, float(self.rates[s, k])
+
+    def takeover_gap(self) -> float | None:
+        """The predicted gap at which the slowest excited mode carries half of it (above the final gap if that
+        happened inside the span), or None without a faster mode: ``sum_{faster} T e^{-r u} = T_slow e^{-r_slow u}``
+        for the time ``u`` after the end of the span (negative: before it), by bisection (the left side over the
+        right falls monotonically in ``u``)."""
+        s, k, r_slow = self.slowest_excited()
+        t_slow = float(self.terms_end[s, k - 1])
+        rates = np.where(np.isfinite(self.rates), self.rates, -np.inf)
+        faster = np.where(rates > r_slow, self.terms_end, 0.0)
+        if not faster.any():
+            return None
+        excess = np.where(rates > r_slow, rates - r_slow, 0.0)
+
+        def ratio(u: float) -> float:
+            with np.errstate(over="ignore"):
+                return float(np.sum(faster * np.exp(-excess * u))) / t_slow
+
+        lo, hi = -1.0, 1.0
+        while ratio(lo) < 1 and lo > -1e6:
+            lo *= 2
+        while ratio(hi) > 1 and hi < 1e6:
+            hi *= 2
+        for _ in range(80):
+            mid = 0.5 * (lo + hi)
+            lo, hi = (mid, hi) if ratio(mid) > 1 else (lo, mid)
+        return 2 * t_slow * math.exp(-r_slow * hi)
+
+
+def mode_rates(flow, ell: np.ndarray) -> np.ndarray:
+    """``(N, K)`` gap rate ``flow.predicted_rate(ell)`` of every computed mode (nan where there is none)."""
+    rates = np.full(ell.shape, np.nan)
+    for s, k in zip(*np.nonzero(np.isfinite(ell))):
+        r = flow.predicted_rate(float(ell[s, k]))
+        rates[s, k] = math.nan if r is None else r
+    return rates
+
+
+def mode_mixture(report: ModeReport, flow, t0: float, t: np.ndarray, gap: np.ndarray) -> ModalPrediction:
+    """The gap predicted on the points ``t >= t0`` of ``(t, gap)`` from the mode terms of ``report`` at ``t0``.
+
+    Args:
+        report: :func:`analyse` of the policy at ``t0`` (in the linear regime).
+        t, gap: the fitted points (time and measured gap); those before ``t0`` are ignored.
+
+    With fewer than three points from ``t0`` on, the prediction is the instantaneous one at ``t0``
+    (:attr:`ModalPrediction.span` ``(t0, t0)``, ``measured`` None).
+    """
+    rates = mode_rates(flow, report.ell)
+    terms = np.where(np.isfinite(rates), report.terms, 0.0)
+    r = np.where(np.isfinite(rates), rates, 0.0)
+    keep = t >= t0 - 1e-12 * max(1.0, abs(t0))
+    if keep.sum() < 3:
+        total = float(terms.sum())
+        rate = float(np.sum(r * terms) / total) if total > 0 else math.nan
+        return ModalPrediction(rates, terms, (t0, t0), rate, None, report.linear_ratio)
+    tt = t[keep]
+    predicted = np.array([float(np.sum(terms * np.exp(-r * (x - t0)))) for x in tt])
+    rate = -float(np.polyfit(tt, np.log(predicted), 1)[0])
+    measured = -float(np.polyfit(tt, np.log(gap[keep]), 1)[0])
+    return ModalPrediction(rates, terms * np.exp(-r * (tt[-1] - t0)), (float(t0), float(tt[-1])), rate, measured,
+                           report.linear_ratio)
+
+
+def boundary_mode_share(problem, state: int, mode: int, scheme: str = "sg") -> float:
+    """The weight ``sum_{j near} v_j^2`` of mode ``mode`` of ``state`` (orthonormal ``v`` of ``S``, at ``Q*``) on
+    the DOFs within :data:`BOUNDARY_CELLS` edges of the action boundary.
+
+    The eigenpair feels the boundary condition only through this part of the mode: moving the boundary
+    (Neumann here, an enlarged domain there) perturbs ``ell`` at first order in it. Measured on ``ring_disk``
+    (share 1e-4 although ``pi*`` has 1.6e-4 of its mass near the edge): disk radius 2 -> 2.4 -> 2.8 moves the
+    dominant ``ell`` by 0.2% per step, as the coarser mesh of the larger disk does, not the domain.
+    """
+    mdp = problem.mdp
+    g = potential(mdp, problem.optimum.Q[state:state + 1])
+    diag, coupling = symmetric_generator(mdp.space, g, mdp.tau, scheme)
+    _, vectors = state_modes(mdp.space, diag[0], coupling[0], mode)
+    return float(np.sum(vectors[near_boundary(mdp.space), mode] ** 2))
+
+
 #: ``resolved`` needs the fit within this (relative) of the slowest excited mode's rate (the bar ``wpgflow study``
-#: uses for "resolved" too; measured agreement on resolved runs: 0.06% to 0.7%).
+#: uses for "resolved" too; measured agreement on resolved runs: 0.06% to 0.7%). The same bar separates a decay
+#: the linearised modes explain from one they do not (:attr:`ModalPrediction.measured` against ``rate``).
 RESOLVED_TOLERANCE = 0.02
 
-#: A boundary-affected slowest excited mode makes the rate ``domain-sensitive`` only if the slowest excited mode of
-#: the unaffected states gives a rate further than this (relative) from it.
+#: A boundary-affected rate-setting state makes the rate ``domain-sensitive`` only if the modes of the unaffected
+#: states give a rate further than this (relative) from it; a rate-setting mode with less than this share of its
+#: weight near the action boundary is not affected by it (:func:`boundary_mode_share`).
 DOMAIN_TOLERANCE = 0.01
 
 RATE_VERDICTS = ("resolved", "transient", "domain-sensitive")
 
 
 def rate_summary(problem, p: np.ndarray | None, flow, fit, ell: np.ndarray | None = None,
-                 gap: float | None = None) -> dict:
+                 gap: float | None = None, history: tuple[np.ndarray, np.ndarray] | None = None,
+                 start: WindowStart | None = None) -> dict:
     """The rate verdict keys of ``summary.json`` (README, "Trusting the numbers").
 
     Args:
@@ -383,101 +552,148 @@ def rate_summary(problem, p: np.ndarray | None, flow, fit, ell: np.ndarray | Non
         flow: the run's :class:`solver.flows.base.Flow` (its ``predicted_rate(ell)`` turns a gap into a rate).
         fit: the :class:`solver.diagnostics.RateFit` of the run, or None.
         ell: ``(N,)`` the generator gaps at ``Q*`` if already computed; gap: ``J* - J`` of ``p`` if known.
+        history: ``(t, gap)`` of every row (for the modes' prediction over the fitted span).
+        start: the run's :class:`WindowStart` (None: the modes are analysed at ``p`` only).
 
     Returns:
-        ``rate_status``, ``rate_local_last``, ``rate_local_spread``; for the WPG flow (``wasserstein``) with
-        more than one action DOF also ``predicted_rate_excited``, ``slowest_state``, ``slowest_excited_state``,
-        ``slowest_excited_mode``, ``predicted_rate_dominant``, ``dominant_state``, ``gap_state``,
-        ``modes_linear_ratio`` and ``boundary_affected_states`` (the
-        excited-mode keys are None when the last policy is not in the linear regime: the modes do not describe
-        the gap there);
-        ``rate_verdict`` (one of :data:`RATE_VERDICTS`, None without a fit) and ``rate_verdict_reason``.
+        ``rate_status``, ``rate_local_last``, ``rate_local_spread``; for the WPG flow with more than two action
+        DOFs also the mode keys: ``predicted_rate_excited`` (the rate the excited modes predict over the fitted
+        span, :class:`ModalPrediction`: the slowest excited mode's rate once it dominates), ``modes_rate_ratio``
+        (measured over predicted on the same points; 1 when the linearised modes explain the decay),
+        ``modes_span``, ``slowest_excited_rate`` / ``_state`` / ``_mode`` (what the run tends to after the
+        span), ``slowest_excited_takeover_gap``, ``predicted_rate_dominant`` / ``dominant_state``,
+        ``slowest_state``, ``gap_state``, ``modes_linear_ratio``, ``boundary_affected_states``,
+        ``boundary_mode_share`` (None where the policy is not in the linear regime: the modes do not describe
+        the gap there); ``rate_verdict`` (one of :data:`RATE_VERDICTS`, None without a fit) and
+        ``rate_verdict_reason``.
 
-    The verdict: ``domain-sensitive`` if the state that sets the rate (the slowest excited mode's state in the
-    linear regime, else the state holding most of the gap) is boundary-affected (:func:`boundary_report`) and,
-    in the linear regime, the unaffected states' slowest excited mode is more than :data:`DOMAIN_TOLERANCE` away
-    (or there is none). Otherwise ``resolved`` if the fit is asymptotic (``rate_status``) and within
-    :data:`RESOLVED_TOLERANCE` of the slowest excited mode's rate (outside the linear regime, where the modes do
-    not describe the gap: of ``predicted_rate``, the slowest mode's), else ``transient``.
+    The modes are analysed at the window-start policy when it is in the linear regime (the prediction then
+    covers the fitted span), else at the last policy (an instantaneous prediction), else not at all. The
+    verdict: ``domain-sensitive`` if the state that sets the rate (the dominant mode's state, or without modes
+    the state holding most of the gap) is affected by the truncation (its kernel is cut, its deviation sits at
+    cut actions, or: with modes, the dominant mode has at least :data:`DOMAIN_TOLERANCE` of its weight near the
+    action boundary; without, ``pi*`` has mass there) and the unaffected states' modes do not give the same rate
+    within :data:`DOMAIN_TOLERANCE`. Otherwise ``transient`` unless the fit is asymptotic and within
+    :data:`RESOLVED_TOLERANCE` of both the modes' rate over the span and the slowest excited mode's rate
+    (without modes: of ``predicted_rate``), in which case ``resolved``.
     """
     out: dict = {"rate_status": fit.status if fit else None,
                  "rate_local_last": fit.local_last if fit else None,
                  "rate_local_spread": fit.local_spread if fit and math.isfinite(fit.local_spread) else None}
     verdict, reason = None, "no rate was fitted (fewer than three positive gaps)"
+    settled = ""
     if fit is not None:
         verdict = "resolved" if fit.status == "asymptotic" else "transient"
-        reason = (f"the local rate varies by {100 * fit.local_spread:.2g}% over the fit window"
-                  if math.isfinite(fit.local_spread) else "too few points in the fit window to measure the local rate")
-        reason_settled = reason
+        settled = (f"the local rate varies by {100 * fit.local_spread:.2g}% over the fit window"
+                   if math.isfinite(fit.local_spread) else "too few points in the fit window to measure the local rate")
+        reason = settled
     mdp = problem.mdp
-    if flow.kind == "wasserstein" and mdp.n_actions > 2 and p is not None:
-        report = analyse(mdp, problem.optimum, p, problem.config.flow.scheme, gap=gap, ell_star=ell)
-        boundary = boundary_report(problem, p)
-        affected = boundary["affected"]
-        excited = report.slowest_excited if report.linear else None
-        dominant = report.dominant if report.linear else None
-        out |= {"predicted_rate_excited": flow.predicted_rate(excited[1]) if excited else None,
-                "predicted_rate_dominant": flow.predicted_rate(dominant[1]) if dominant else None,
-                "dominant_state": dominant[0] if dominant else None,
-                "slowest_state": report.slowest[0], "slowest_excited_state": excited[0] if excited else None,
-                "slowest_excited_mode": excited[2] if excited else None, "gap_state": report.gap_state,
-                "modes_linear_ratio": report.linear_ratio if math.isfinite(report.linear_ratio) else None,
-                "boundary_affected_states": affected}
-        if fit is not None:
-            setting = excited[0] if excited else report.gap_state
-            predicted = out["predicted_rate_excited"]
-            domain = setting in affected
-            if excited and domain:
-                # the truncation matters only if it moves the rate: compare with the states it does not affect
-                clear = np.ones(mdp.n_states, bool)
-                clear[affected] = False
-                inner = report.slowest_excited_among(clear)
-                if inner is not None and abs(flow.predicted_rate(inner[1]) / predicted - 1) <= DOMAIN_TOLERANCE:
-                    domain = False  # the unaffected states set the same rate
-            if domain:
-                verdict = "domain-sensitive"
-                why = []
-                if boundary["action_boundary_mass"][setting] > BOUNDARY_MASS:
-                    why.append(f"pi* has mass {boundary['action_boundary_mass'][setting]:.1e} near the action "
-                               "boundary")
-                if boundary["kernel_loss"][setting] > BOUNDARY_MASS:
-                    why.append(f"its transitions lose {boundary['kernel_loss'][setting]:.1e} of their mass to the "
-                               "state-grid cut")
-                if boundary["cut_share"][setting] >= CUT_SHARE:
-                    why.append(f"{100 * min(1.0, boundary['cut_share'][setting]):.0f}% of its deviation from pi* "
-                               "sits at actions whose transitions the state grid cuts")
-                where = ("the slowest excited mode" if excited else
-                         f"most of the gap (the last policy is not in the linear regime: (tau/2) sum W chi^2 = "
-                         f"{report.linear_ratio:.2g} x the gap)")
-                reason = f"{where} sits at state {setting}, which the truncated domain affects: {'; '.join(why)}"
-                if fit.status == "transient":
-                    reason += f"; also transient: {reason_settled}"
-            elif not report.linear:
-                slowest_rate = flow.predicted_rate(report.slowest[1])
-                nonlinear = (f"the last policy is not yet in the linear regime ((tau/2) sum W chi^2 is "
-                             f"{report.linear_ratio:.3g} x the gap; most of the gap at state {setting})")
-                if (fit.status == "asymptotic" and slowest_rate
-                        and abs(fit.rate / slowest_rate - 1) <= RESOLVED_TOLERANCE):
-                    # the action tails are still far (chi^2 explodes there) but carry no rate of their own
-                    reason = (f"the local rate varies by {100 * fit.local_spread:.2g}% over the fit window and the "
-                              f"fit is within {100 * RESOLVED_TOLERANCE:g}% of the slowest mode; {nonlinear}, "
-                              "so the modes were not used")
-                else:
-                    verdict = "transient"
-                    reason = f"{nonlinear}; {reason}"
-            elif fit.status == "asymptotic" and predicted and abs(fit.rate / predicted - 1) > RESOLVED_TOLERANCE:
-                verdict = "transient"
-                reason = (f"the fit {fit.rate:.5g} is {100 * abs(fit.rate / predicted - 1):.2g}% from the slowest "
-                          f"excited mode's rate {predicted:.5g}: the fit window mixes modes")
-            elif verdict == "resolved":
-                reason = (f"the local rate varies by {100 * fit.local_spread:.2g}% over the fit window and the fit "
-                          f"is within {100 * RESOLVED_TOLERANCE:g}% of the slowest excited mode (state {setting}"
-                          + (f", boundary-affected, but the unaffected states' slowest excited mode gives the same "
-                             f"rate within {100 * DOMAIN_TOLERANCE:g}%)" if setting in affected else ")"))
-        fast = out["predicted_rate_dominant"]
-        if fit is not None and excited and fast and abs(fast / out["predicted_rate_excited"] - 1) > DOMAIN_TOLERANCE:
-            reason += (f"; the largest part of the gap is still in a faster mode (state {dominant[0]}, mode "
-                       f"{dominant[2]}, rate {fast:.5g}) while the slowest excited one (rate "
-                       f"{out['predicted_rate_excited']:.5g}) emerges")
-    out |= {"rate_verdict": verdict, "rate_verdict_reason": reason}
-    return out
+    if not (flow.fokker_planck and mdp.n_actions > 2 and p is not None):
+        return out | {"rate_verdict": verdict, "rate_verdict_reason": reason}
+    scheme = problem.config.flow.scheme
+    # the last policy's modes: what is excited at the end (they include what the coupling between states and the
+    # mesh's asymmetry feed into slow modes, which the decoupled propagation from the window start misses)
+    report_end = analyse(mdp, problem.optimum, p, scheme, gap=gap, ell_star=ell)
+    prediction = None
+    if report_end.linear:
+        at_end = mode_mixture(report_end, flow, math.inf, np.zeros(0), np.zeros(0))
+        prediction = ModalPrediction(at_end.rates, at_end.terms_end, (math.nan, math.nan), at_end.rate,
+                                     fit.local_last if fit else None, report_end.linear_ratio)
+        if fit is not None and history is not None and start is not None and start.p is not None:
+            report0 = analyse(mdp, problem.optimum, start.p, scheme, gap=start.gap, ell_star=ell)
+            if report0.linear:  # the modes at the window start predict the whole fitted span
+                t, g = history
+                fitted = (t <= fit.t_range[1] * (1 + 1e-12)) & (g >= fit.window[0]) & (g <= fit.window[1])
+                span = mode_mixture(report0, flow, start.t, t[fitted], g[fitted])
+                if span.measured is not None:
+                    prediction = replace(prediction, span=span.span, rate=span.rate, measured=span.measured,
+                                         linear_ratio=span.linear_ratio)
+    boundary = boundary_report(problem, p)
+    affected = set(boundary["affected"])
+    slowest_state = int(np.argmin(ell)) if ell is not None else report_end.slowest[0]
+    gap_state = report_end.gap_state
+    keys = dict.fromkeys(("predicted_rate_excited", "modes_rate_ratio", "modes_span", "slowest_excited_rate",
+                          "slowest_excited_state", "slowest_excited_mode", "slowest_excited_takeover_gap",
+                          "predicted_rate_dominant", "dominant_state", "boundary_mode_share"))
+    keys |= {"slowest_state": slowest_state, "gap_state": gap_state,
+             "modes_linear_ratio": None, "boundary_affected_states": sorted(affected)}
+    if prediction is not None:
+        slow_s, slow_k, slow_rate = prediction.slowest_excited()
+        dom_s, dom_k, dom_rate = prediction.dominant()
+        share = boundary_mode_share(problem, dom_s, dom_k, scheme)
+        span = prediction.span
+        keys |= {"predicted_rate_excited": prediction.rate,
+                 "modes_rate_ratio": (prediction.measured / prediction.rate
+                                      if prediction.measured is not None and prediction.rate > 0 else None),
+                 "modes_span": list(span) if math.isfinite(span[0]) else None,
+                 "slowest_excited_rate": slow_rate, "slowest_excited_state": slow_s,
+                 "slowest_excited_mode": slow_k, "slowest_excited_takeover_gap": prediction.takeover_gap(),
+                 "predicted_rate_dominant": dom_rate, "dominant_state": dom_s, "boundary_mode_share": share,
+                 "modes_linear_ratio": prediction.linear_ratio if math.isfinite(prediction.linear_ratio) else None}
+    out |= keys
+    if fit is None:
+        return out | {"rate_verdict": verdict, "rate_verdict_reason": reason}
+
+    # --- the verdict ---
+    setting = out["dominant_state"] if prediction is not None else gap_state
+    why = []
+    if boundary["kernel_loss"][setting] > BOUNDARY_MASS:
+        why.append(f"its transitions lose {boundary['kernel_loss'][setting]:.1e} of their mass to the state-grid cut")
+    if boundary["cut_share"][setting] >= CUT_SHARE:
+        why.append(f"{100 * min(1.0, boundary['cut_share'][setting]):.0f}% of its deviation from pi* sits at actions "
+                   "whose transitions the state grid cuts")
+    if prediction is not None and out["boundary_mode_share"] >= DOMAIN_TOLERANCE:
+        why.append(f"{100 * out['boundary_mode_share']:.2g}% of its dominant mode lies within {BOUNDARY_CELLS} "
+                   "edges of the action boundary")
+    if prediction is None and boundary["action_boundary_mass"][setting] > BOUNDARY_MASS:
+        why.append(f"pi* has mass {boundary['action_boundary_mass'][setting]:.1e} near the action boundary")
+    if why and prediction is not None:
+        clear = np.ones(mdp.n_states, bool)
+        clear[sorted(affected | {setting})] = False
+        inner = prediction.rate_of(clear)
+        whole = prediction.rate_of(np.ones(mdp.n_states, bool))
+        if inner is not None and whole and abs(inner / whole - 1) <= DOMAIN_TOLERANCE:
+            why = []  # the states the truncation does not affect give the same rate
+    nonlinear = None if prediction is not None else (
+        f"the last policy is not in the linear regime ((tau/2) sum W chi^2 is "
+        f"{report_end.linear_ratio:.3g} x the gap; most of the gap at state {setting}), so the modes were not used")
+    if why:
+        verdict = "domain-sensitive"
+        where = "the dominant mode" if prediction is not None else "most of the gap"
+        reason = f"{where} sits at state {setting}, which the truncated domain affects: {'; '.join(why)}"
+        if nonlinear:
+            reason += f"; {nonlinear}"
+        if fit.status == "transient":
+            reason += f"; also transient: {settled}"
+    elif prediction is None:
+        slowest_rate = flow.predicted_rate(float(ell[slowest_state])) if ell is not None else None
+        if fit.status == "asymptotic" and slowest_rate and abs(fit.rate / slowest_rate - 1) <= RESOLVED_TOLERANCE:
+            reason = (f"{settled} and the fit is within {100 * RESOLVED_TOLERANCE:g}% of the slowest mode; "
+                      f"{nonlinear}")  # the action tails are still far (chi^2 explodes there) but carry no rate
+        else:
+            verdict, reason = "transient", f"{nonlinear}; {settled}"
+    else:
+        explained = out["modes_rate_ratio"]
+        modal = (f"the excited modes predict {prediction.rate:.5g} over the fitted span"
+                 + (f" and the gap decayed at {prediction.measured:.5g} there" if prediction.measured else ""))
+        takeover = out["slowest_excited_takeover_gap"]
+        slower = ""
+        if slow_rate < prediction.rate * (1 - DOMAIN_TOLERANCE):
+            slower = f"; a slower excited mode (state {slow_s}, mode {slow_k}, rate {slow_rate:.5g}) "
+            beyond = takeover is not None and gap is not None and takeover < gap
+            slower += (f"carries half of the gap below ~{takeover:.1e}, beyond the run" if beyond
+                       else f"has carried half of the gap since ~{takeover:.1e}" if takeover else "emerges")
+        if explained is not None and abs(explained - 1) > RESOLVED_TOLERANCE:
+            verdict = "transient"
+            reason = f"{modal}: the linearised modes do not explain the decay yet; {settled}{slower}"
+        elif fit.status == "transient":
+            reason = f"{settled}; {modal}: a mixture of modes{slower}"
+        elif (abs(fit.rate / prediction.rate - 1) > RESOLVED_TOLERANCE
+              or abs(fit.rate / slow_rate - 1) > RESOLVED_TOLERANCE):
+            verdict = "transient"
+            reason = (f"the fit {fit.rate:.5g} is not within {100 * RESOLVED_TOLERANCE:g}% of both the modes' rate "
+                      f"over the span and the slowest excited mode's ({slow_rate:.5g}); {modal}{slower}")
+        else:
+            reason = (f"{settled}, and the fit is within {100 * RESOLVED_TOLERANCE:g}% of the excited modes' rate "
+                      f"(dominant: state {dom_s}, mode {dom_k}) and of the slowest excited mode's")
+    return out | {"rate_verdict": verdict, "rate_verdict_reason": reason}

@@ -73,6 +73,7 @@ def build(config: Config, force_size: bool = False) -> Problem:
                           f"on this grid ({type(exc).__name__}: {' '.join(str(exc).split())[:160]})") from None
     if not np.all(np.isfinite(mdp.reward)):
         raise ConfigError(f"mdp.model: the reward of {config.mdp.model!r} is not finite on the state/action grid")
+    mdp = replace(mdp, rho=initial_states(config, states))
     flows.lookup(config.flow.kind).check(config.flow, space, parallel.Partition(None, len(states)))
     try:
         with np.errstate(all="ignore"):
@@ -82,6 +83,26 @@ def build(config: Config, force_size: bool = False) -> Problem:
                           f"{config.mdp.tau} ({' '.join(str(exc).split())[:120]}); allowed: a smaller mdp.gamma or "
                           "a larger mdp.tau for this reward") from None
     return Problem(config=config, model=model, mdp=mdp, optimum=optimum)
+
+
+def initial_states(config: Config, states: np.ndarray) -> np.ndarray:
+    """``rho``: uniform on the grid points inside ``[states] rho_lower .. rho_upper`` (default the whole grid).
+
+    Raises:
+        ConfigError: if the box holds no grid point.
+    """
+    st = config.states
+    if st is None or (st.rho_lower is None and st.rho_upper is None):
+        return np.full(len(states), 1.0 / len(states))
+    grid = states.reshape(len(states), -1)
+    lo = np.atleast_1d(st.rho_lower if st.rho_lower is not None else st.lower)
+    hi = np.atleast_1d(st.rho_upper if st.rho_upper is not None else st.upper)
+    slack = 1e-9 * np.maximum(1.0, np.maximum(np.abs(lo), np.abs(hi)))  # a box edge on a grid point keeps it
+    inside = np.all((grid >= lo - slack) & (grid <= hi + slack), axis=1)
+    if not inside.any():
+        raise ConfigError(f"states.rho_lower: the box [{st.rho_lower}, {st.rho_upper}] holds no state of the grid; "
+                          "allowed: a box containing at least one grid point")
+    return inside / inside.sum()
 
 
 def state_grid(config: Config, model: models.Model) -> np.ndarray:
@@ -296,8 +317,10 @@ def summarise(problem: Problem, result: RunResult, setup_time: float, flow: flow
         if flow.fokker_planck:
             summary["predicted_rate_bound"] = at_optimum["predicted_rate_bound"]
     # rate verdicts: asymptotic regime, excited modes, boundary-affected states (solver.modes, theory.md §10.2)
+    start = next((o for o in observers if isinstance(o, modes.WindowStart)), None)
     summary.update(modes.rate_summary(problem, result.final.p if result.final is not None else None, flow, fit,
-                                      ell=ell if mdp.n_actions > 1 else None, gap=float(gap[-1])))
+                                      ell=ell if mdp.n_actions > 1 else None, gap=float(gap[-1]),
+                                      history=(t, gap), start=start))
     for observer in observers:
         summary.update(observer.summary())
     summary.update(flow.summary(problem, result))
@@ -332,6 +355,7 @@ def run_observers(problem: Problem, out: Path, progress_bar: bool = False) -> li
         Snapshots(Schedule(*schedule), outputs.snapshot_states(mdp.n_states, mdp.n_actions, cfg.output.snapshots))]
     if flows.lookup(cfg.flow.kind).fokker_planck and mdp.n_actions > 1:
         observers.append(along_flow.LocalRates(problem, schedule=Schedule(*schedule), out=out))
+        observers.append(modes.WindowStart())  # the policy whose modes predict the fitted span
     observers.append(ledger.Ledger(problem, Schedule(*schedule), out, peers=observers))  # hypotheses.csv
     if progress_bar:
         observers.append(Progress(cfg.flow.t_end))

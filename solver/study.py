@@ -9,18 +9,22 @@ with one worker the runs go one after the other in this process):
   shipped 2D meshes (no finer level exists beyond "fine": the axis is then skipped, and said so);
 * ``dt``: ``flow.dt`` / 2 per level (adaptive runs: ``flow.adapt_tol`` / 4, which halves the steps, and
   ``flow.dt_max`` / 2);
-* ``domain``: the state interval x 1.5 per level about its centre, keeping the spacing ``h`` (each axis of a 2D
-  grid; ``n - 1`` grows to an even number of extra cells so that the original states stay grid points). Skipped
-  for one-state models.
+* ``domain``: the state interval enlarged about its centre, keeping the spacing ``h`` (each axis of a 2D grid;
+  ``n - 1`` grows to an even number of extra cells so that the original states stay grid points), with ``rho``
+  kept on the base box: level 1 by ``max(1.5, reach)`` where ``reach`` (:func:`domain_reach`) makes room for every
+  next-state mean of the base states +- 4 sigma (so no base state's transitions are cut), level 2 by 1.5 more;
+  at most :data:`MAX_DOMAIN_FACTOR`. Skipped for one-state models.
 
-``--levels 3`` adds a second refinement per axis (x 4 cells, dt / 4, interval x 2.25): then each number gets an
-observed order ``p = log(|x_0 - x_1| / |x_1 - x_2|) / log(factor)`` and, when the order is clean
-(:data:`CLEAN_ORDER`, the differences of one sign), a Richardson estimate ``x_2 + (x_2 - x_1) / (factor^p - 1)``.
+``--levels 3`` adds a second refinement per axis (x 4 cells, dt / 4, the domain x 1.5 again): then each mesh and
+dt number gets an observed order ``p = log(|x_0 - x_1| / |x_1 - x_2|) / log(factor)`` and, when the order is clean
+(:data:`CLEAN_ORDER`, the differences of one sign), a Richardson estimate ``x_2 + (x_2 - x_1) / (factor^p - 1)``
+(the truncation error of a domain falls exponentially, not as a power: no order on that axis).
 
-Headline numbers (:data:`QUANTITIES`, from each run's ``summary.json``): ``J_star`` (on the ``domain`` axis: the
-mean of ``V*`` over the base grid's states, since ``J*`` averages over a different state set), the fitted rate,
-``predicted_rate`` (slowest mode), ``predicted_rate_excited`` (slowest excited mode), the LSI/Poincaré bracket ends
-of ``lsi_bracket`` and ``certified_margin`` where present. Each gets a verdict from its relative changes ``c_axis =
+Headline numbers (:data:`QUANTITIES`, from each run's ``summary.json``): ``J_star`` (the ``domain`` runs keep
+``rho`` on the base box, ``states.rho_lower/rho_upper``, so ``J* = rho . V*`` averages over the same states and the
+enlarged MDP is asked the same question), the fitted rate, ``predicted_rate`` (slowest mode),
+``predicted_rate_excited`` (the excited modes over the fit span), the LSI/Poincaré bracket ends of ``lsi_bracket``
+and ``certified_margin`` where present. Each gets a verdict from its relative changes ``c_axis =
 |x_last - x_0| / |x_0|`` along the axes: ``resolved to X%`` (``X = max c_axis``) when every change is at most
 :data:`RESOLVED`; else ``<axis>-sensitive`` for every axis whose change exceeds it. For the fitted rate, the
 runs whose own ``rate_verdict`` is ``transient`` or ``domain-sensitive`` (the base run, and the finest level of
@@ -101,11 +105,13 @@ class Plan:
     levels: int
     runs: list[Run]
     skipped: dict[str, str]
-    base_states: list
 
 
-def _refinements(cfg, raw: dict, axis: str, level: int) -> tuple[list[str], str | None]:
-    """The ``--set`` items that refine ``axis`` to ``level`` (>= 1), or ``([], reason)`` if it cannot."""
+def _refinements(cfg, raw: dict, axis: str, level: int, reach: list[float] | None = None
+                 ) -> tuple[list[str], str | None]:
+    """The ``--set`` items that refine ``axis`` to ``level`` (>= 1), or ``([], reason)`` if it cannot.
+
+    ``reach``: per state axis, the factor of :func:`domain_reach` (None: plain ``1.5 ** level``)."""
     a, f = cfg.actions, cfg.flow
     if axis == "mesh":
         if a.domain in ("interval", "rectangle"):
@@ -130,16 +136,57 @@ def _refinements(cfg, raw: dict, axis: str, level: int) -> tuple[list[str], str 
         return [], "a one-state model has no state domain"
     lowers, uppers, ns = (st.lower, st.upper, st.n) if isinstance(st.n, list) else ([st.lower], [st.upper], [st.n])
     new_lo, new_hi, new_n = [], [], []
-    for lo, hi, n in zip(lowers, uppers, ns):
+    for d, (lo, hi, n) in enumerate(zip(lowers, uppers, ns)):
         h = (hi - lo) / (n - 1)
-        extra = int(round((n - 1) * (1.5 ** level - 1) / 2))  # cells added on each side
+        factor = FACTORS["domain"] ** level
+        if reach is not None:  # the first level already uncuts the base states' kernels (capped)
+            factor = min(MAX_DOMAIN_FACTOR, max(factor, reach[d] * FACTORS["domain"] ** (level - 1)))
+        extra = int(round((n - 1) * (factor - 1) / 2))  # cells added on each side
         new_lo.append(lo - extra * h)
         new_hi.append(hi + extra * h)
         new_n.append(n + 2 * extra)
+    # rho stays on the base box: the enlarged MDP is asked the same question (J = rho . V over the same states)
+    rho_lo = st.rho_lower if st.rho_lower is not None else st.lower
+    rho_hi = st.rho_upper if st.rho_upper is not None else st.upper
     if isinstance(st.n, list):
         return [f"states.lower={json.dumps(new_lo)}", f"states.upper={json.dumps(new_hi)}",
-                f"states.n={json.dumps(new_n)}"], None
-    return [f"states.lower={new_lo[0]!r}", f"states.upper={new_hi[0]!r}", f"states.n={new_n[0]}"], None
+                f"states.n={json.dumps(new_n)}", f"states.rho_lower={json.dumps(rho_lo)}",
+                f"states.rho_upper={json.dumps(rho_hi)}"], None
+    return [f"states.lower={new_lo[0]!r}", f"states.upper={new_hi[0]!r}", f"states.n={new_n[0]}",
+            f"states.rho_lower={rho_lo!r}", f"states.rho_upper={rho_hi!r}"], None
+
+
+#: The first ``domain`` level holds every next-state mean of the base states, +- this many ``sigma``.
+REACH_SIGMAS = 4.0
+
+#: ... but grows the state interval by at most this factor (the cost of a step grows like ``N^1.4-1.7``).
+MAX_DOMAIN_FACTOR = 4.0
+
+
+def domain_reach(cfg, model) -> list[float]:
+    """Per state axis, the factor (about the interval's centre) by which the base state interval must grow to
+    hold every next-state mean ``f(s, a)`` of its grid states and action DOFs, +- :data:`REACH_SIGMAS` ``sigma``.
+
+    Then no base state's Gaussian transition is cut by the grid's ends (:func:`solver.modes.kernel_loss` below
+    ~6e-5): the truncation the rate verdicts diagnose (``domain-sensitive``) is removed where ``rho`` lives. 1 if
+    the base interval already does.
+    """
+    from . import fem, modes, runner
+
+    a = cfg.actions
+    space = fem.domain_space(a.domain, a.lower, a.upper, a.cells, a.resolution,
+                             a.radius if a.domain == "disk" else a.scale, a.center)
+    states = runner.state_grid(cfg, model)
+    means = np.asarray(modes.next_state_means(model, states, space), float)
+    means = means.reshape(means.shape[0], means.shape[1], -1)
+    grid = states.reshape(len(states), -1)
+    factors = []
+    for d in range(grid.shape[1]):
+        lo, hi = float(grid[:, d].min()), float(grid[:, d].max())
+        centre, half = 0.5 * (lo + hi), 0.5 * (hi - lo)
+        wanted = max(abs(float(means[..., d].min()) - centre), abs(float(means[..., d].max()) - centre))
+        factors.append(max(1.0, (wanted + REACH_SIGMAS * model.sigma) / half))
+    return factors
 
 
 def plan(config_path: Path, overrides: list[str] = (), out: Path | None = None, levels: int = 2,
@@ -162,12 +209,12 @@ def plan(config_path: Path, overrides: list[str] = (), out: Path | None = None, 
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out}: exists and is not a directory")
     model = models.build(base.mdp.model, base.mdp.params)
-    base_states = runner.state_grid(base, model).tolist()
+    reach = domain_reach(base, model) if base.states is not None and not model.single_state else None
     runs = [Run("base", 0, "", raw, out / "base-0", "base-0", force)]
     skipped = {}
     for axis in AXES:
         for level in range(1, levels):
-            items, reason = _refinements(base, raw, axis, level)
+            items, reason = _refinements(base, raw, axis, level, reach)
             if reason:
                 skipped[axis] = reason
                 break
@@ -180,10 +227,10 @@ def plan(config_path: Path, overrides: list[str] = (), out: Path | None = None, 
             runs.append(Run(axis, level, " ".join(items), run_raw, out / name, name, force))
     if not force:
         outputs.refuse_existing(out, [(run.run_dir, run.out) for run in runs], ("study.csv", "study.png"))
-    return Plan(out=out, levels=levels, runs=runs, skipped=skipped, base_states=base_states)
+    return Plan(out=out, levels=levels, runs=runs, skipped=skipped)
 
 
-def execute_run(run: Run, base_states: list) -> dict:
+def execute_run(run: Run) -> dict:
     """Run one level (in a worker process); return the headline numbers and the run's status and verdict."""
     from .runner import run_and_write
 
@@ -193,36 +240,23 @@ def execute_run(run: Run, base_states: list) -> dict:
     except (ConfigError, ConvergenceError) as exc:
         return {"status": "error", "message": str(exc), "wall_time_s": time.perf_counter() - start}
     return {"status": summary["status"], "message": summary["message"], "rate_verdict": summary.get("rate_verdict"),
-            "wall_time_s": summary["wall_time_s"]} | headline(summary, run.out, base_states)
+            "wall_time_s": summary["wall_time_s"]} | headline(summary)
 
 
-def headline(summary: dict, run_dir: Path, base_states: list | None = None) -> dict:
-    """The :data:`QUANTITIES` of one run (None where absent).
-
-    With ``base_states``, ``J_star`` is the mean of ``V*`` (``solution.npz``) over the grid states that coincide
-    with them (to 1e-9): the ``J*`` of the base problem's state set, comparable across state domains.
-    """
+def headline(summary: dict) -> dict:
+    """The :data:`QUANTITIES` of one run's ``summary.json`` (None where absent)."""
     bracket = summary.get("lsi_bracket") or {}
     out = {q: summary.get(q) for q in ("J_star", "rate", "predicted_rate", "predicted_rate_excited",
                                        "certified_margin")}
     out |= {"lsi_lower": bracket.get("lower"), "lsi_upper": bracket.get("upper"),
             "poincare": bracket.get("poincare"), "certified_lower": bracket.get("certified_lower")}
-    if base_states is not None and (Path(run_dir) / "solution.npz").exists():
-        with np.load(Path(run_dir) / "solution.npz") as solution:
-            states, V = solution["states"], solution["V_star"]
-        base = np.asarray(base_states, float).reshape(len(base_states), -1)
-        grid = states.reshape(states.shape[0], -1)
-        match = [np.flatnonzero(np.all(np.abs(grid - b) <= 1e-9 * max(1.0, float(np.abs(b).max())), axis=1))
-                 for b in base]
-        if all(m.size == 1 for m in match):
-            out["J_star"] = float(np.mean(V[[int(m[0]) for m in match]]))
     return {q: (float(v) if isinstance(v, (int, float)) and math.isfinite(v) else None) for q, v in out.items()}
 
 
 def run_all(study: Plan, jobs: int | None = None, on_done=None) -> list[dict]:
     """Every run of ``study`` (:func:`solver.pool.run_all`; with one worker in this process); results in plan order."""
     results: list[dict | None] = [None] * len(study.runs)
-    return pool.run_all(execute_run, [(run, study.base_states) for run in study.runs], results, jobs, on_done,
+    return pool.run_all(execute_run, [(run,) for run in study.runs], results, jobs, on_done,
                         inline=True)
 
 
@@ -261,7 +295,8 @@ def analyse(study: Plan, results: list[dict]) -> tuple[list[dict], dict[str, str
                 changes[axis] = relative_change(last[q], x0)
             if q == "rate" and last.get("rate_verdict") in ("transient", "domain-sensitive"):
                 unresolved_rate.append(f"{axis}: {last['rate_verdict']}")
-            if len(levels) == 2 and x0 is not None and all(r.get(q) is not None for _, r in levels):
+            if (len(levels) == 2 and axis != "domain" and x0 is not None
+                    and all(r.get(q) is not None for _, r in levels)):  # domain: not a power law, no order
                 extra[axis] = observed_order(x0, levels[0][1][q], levels[1][1][q], FACTORS[axis])
         values = [r.get(q) for r in results if r.get(q) is not None]
         if not changes:

@@ -126,6 +126,10 @@ SET_CASES = {
     "states_huge": (["states.n=200000", "actions.cells=200000"], "states.n", "GiB", "--force-size"),
     "states_2d_for_1d_model": (["states.n=[3000, 3000]", "states.lower=[-1, -1]", "states.upper=[1, 1]"], "states"),
     "states_n_zero": (["states.n=0"], "states.n"),
+    "rho_outside_grid": (["states.rho_lower=-100"], "states.rho_lower", "within"),
+    "rho_reversed": (["states.rho_lower=1", "states.rho_upper=0.5"], "states.rho_lower"),
+    "rho_box_without_states": (["states.rho_lower=0.011", "states.rho_upper=0.012"], "states.rho_lower", "grid point"),
+    "rho_list_for_1d_grid": (["states.rho_lower=[0, 0]"], "states.rho_lower"),
     "set_without_value": (["mdp.tau"], "--set"),
     "set_into_scalar": (["mdp.gamma.x=1"], "mdp.gamma"),
 }

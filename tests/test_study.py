@@ -57,7 +57,7 @@ def test_observed_order_and_richardson_are_exact_on_power_laws():
 def synthetic(values_by_run: dict[str, float], verdicts: dict[str, str] | None = None):
     runs = [study.Run(name.split("-")[0], int(name.split("-")[1]), "", {}, Path(name), name, False)
             for name in values_by_run]
-    plan = study.Plan(out=Path("."), levels=2, runs=runs, skipped={}, base_states=[])
+    plan = study.Plan(out=Path("."), levels=2, runs=runs, skipped={})
     results = [{"status": "converged", "rate": v, "rate_verdict": (verdicts or {}).get(n, "resolved")}
                for n, v in values_by_run.items()]
     return study.analyse(plan, results)
@@ -77,9 +77,12 @@ def test_verdicts_on_constructed_changes():
 def test_domain_refinement_keeps_h_and_the_base_states():
     plan = study.plan(EXPERIMENTS / "lqr_1d.toml", [], Path("/nonexistent/study"), levels=3)
     settings = {r.run_dir: r.setting for r in plan.runs}
-    # [-6, 6] with 121 states, h = 0.1: x1.5 -> 181 states on [-9, 9]; x2.25 -> 271 on [-13.5, 13.5]
-    assert settings["domain-1"] == "states.lower=-9.0 states.upper=9.0 states.n=181"
-    assert settings["domain-2"] == "states.lower=-13.5 states.upper=13.5 states.n=271"
+    # [-6, 6] with 121 states, h = 0.1; the largest next-state mean is 0.9 * 6 + 0.5 * 6 = 8.4, + 4 sigma = 9.6:
+    # level 1 makes room for it (x 1.6 > 1.5 -> 193 states on [-9.6, 9.6]), level 2 x 1.5 more (289 on [-14.4, 14.4])
+    # rho stays uniform on the base states [-6, 6]: J = rho . V asks the same question on every domain
+    rho = " states.rho_lower=-6.0 states.rho_upper=6.0"
+    assert settings["domain-1"] == "states.lower=-9.6 states.upper=9.6 states.n=193" + rho
+    assert settings["domain-2"] == "states.lower=-14.4 states.upper=14.4 states.n=289" + rho
     assert settings["mesh-2"] == "actions.cells=1024"
     assert settings["dt-1"] == "flow.dt=0.005"
     # a one-state model has no state domain: the axis is skipped and said so
