@@ -79,6 +79,18 @@ def test_meshio_read_opens_policy_xdmf(run):
             assert fem.mesh_space(out / name).n_dofs == len(coords)
 
 
+def test_no_single_xdmf_file_satisfies_both_meshio_readers(run):
+    # why there are two files: meshio.read wants exactly one (uniform) grid in the domain, TimeSeriesReader a
+    # temporal collection; each refuses the other's file. If a future meshio reads both, this fails, and
+    # policy.xdmf can go.
+    # (meshio.read itself prints the reader's error and calls sys.exit(1): the reader is called directly)
+    out, _ = run
+    with pytest.raises(meshio.ReadError, match="one grid"):
+        meshio.xdmf.read(out / "density.xdmf")
+    with pytest.raises(meshio.ReadError):
+        meshio.xdmf.TimeSeriesReader(out / "policy.xdmf")
+
+
 def test_xdmf_times_are_clean(run):
     out, sol = run
     values = [g.get("Value") for g in ET.parse(out / "density.xdmf").getroot().iter("Time")]
