@@ -5,7 +5,8 @@ Every figure's title names the run (model, flow kind, ``tau``, ``gamma``, ``dt``
 
 * ``convergence.png``: (1) the gap ``J* - J`` (log scale) with the fitted linear rate (drawn only where
   ``summary["rate_status"]`` does not say the run is transient), the predicted asymptotic rate of the slowest
-  mode and, where the summary has it, of the slowest *excited* mode (``predicted_rate_excited``), and the exact
+  mode and, where the summary has it, of the excited modes over the fitted span (``predicted_rate_excited``) and of
+  the slowest excited mode (``slowest_excited_rate``, local-rate panel), and the exact
   OU gap for a Gaussian-started ``bandit`` (theory.md §7.3); (2) the discrete local rate
   ``-(log g_{n+k} - log g_n)/(t_{n+k} - t_n)``, which settles on the asymptotic rate; (3) the ratio of the
   measured ``(J_{n+1} - J_n)/dt`` to the predicted ``dJ/dt = rho^T (I - gamma P^pi)^{-1} D^h`` (theory.md §4),
@@ -247,12 +248,22 @@ def convergence(path: Path, summary: dict, history: dict, cfg: dict | None = Non
     if predicted is not None:
         ax1.semilogy(tt, g_end * np.exp(-predicted * (tt - end)), ":", color="k", lw=2,
                      label=f"predicted, slowest mode: {predicted:.5g}")
+    span = summary.get("modes_span")
+    slow_excited = summary.get("slowest_excited_rate")
     if excited is not None and (predicted is None or abs(excited - predicted) > 1e-3 * abs(predicted)):
-        ax1.semilogy(tt, g_end * np.exp(-excited * (tt - end)), "-.", color="C2", lw=2,
-                     label=f"predicted, slowest excited mode: {excited:.5g}")
-        if predicted is not None:
-            notes.append(f"the slowest mode (rate {predicted:.3g}) is hardly excited by the start;\n"
-                         f"the gap decays at the slowest excited mode's rate {excited:.3g}")
+        if span:  # the excited modes' prediction over the fitted span, anchored at its start
+            ts = np.linspace(span[0], span[1], 50)
+            ax1.semilogy(ts, np.interp(span[0], t, gap) * np.exp(-excited * (ts - span[0])), "-.", color="C2",
+                         lw=2, label=f"predicted, excited modes over the fit span: {excited:.5g}")
+        else:
+            ax1.semilogy(tt, g_end * np.exp(-excited * (tt - end)), "-.", color="C2", lw=2,
+                         label=f"predicted, excited modes at the end: {excited:.5g}")
+        if predicted is not None and slow_excited is not None and abs(slow_excited / predicted - 1) > 1e-3:
+            notes.append(f"the slowest mode (rate {predicted:.3g}) is not excited by the start;\n"
+                         f"the gap decays at the excited modes' rate {excited:.3g}")
+        elif predicted is not None:
+            notes.append(f"the slowest mode (rate {predicted:.3g}) is excited but still small;\n"
+                         f"over the fit span the excited modes give {excited:.3g}")
     exact = ou_exact(summary, cfg)
     if exact is not None and "gamma" in cfg.get("mdp", {}):
         p = cfg["mdp"].get("params", {})
@@ -276,8 +287,11 @@ def convergence(path: Path, summary: dict, history: dict, cfg: dict | None = Non
         ax2.axhline(predicted, color="k", ls=":", lw=2, label=f"predicted, slowest mode {predicted:.5g}")
         refs.append(predicted)
     if excited is not None and (predicted is None or abs(excited - predicted) > 1e-3 * abs(predicted)):
-        ax2.axhline(excited, color="C2", ls="-.", lw=2, label=f"predicted, slowest excited mode {excited:.5g}")
+        ax2.axhline(excited, color="C2", ls="-.", lw=2, label=f"predicted, excited modes {excited:.5g}")
         refs.append(excited)
+    if (slow_excited is not None and abs(slow_excited - (excited or slow_excited)) > 1e-2 * abs(slow_excited)
+            and (predicted is None or abs(slow_excited - predicted) > 1e-3 * abs(predicted))):
+        ax2.axhline(slow_excited, color="C4", ls="--", lw=1.2, label=f"slowest excited mode {slow_excited:.5g}")
     if rate is not None and summary.get("rate_t_range") and not transient:
         lo, hi = summary["rate_t_range"]
         ax2.plot([lo, hi], [rate, rate], "--", color="C3", lw=2, label=f"fit {rate:.5g} over its window")
@@ -543,7 +557,7 @@ def rates(path: Path, summary: dict, cfg: dict | None = None) -> Path | None:
             shown += list(b[good])
             drawn.append((column, style, label, good))
     for key, style, text in (("predicted_rate", dict(color="k", ls=":", lw=2), "predicted asymptotic rate"),
-                             ("predicted_rate_excited", dict(color="C2", ls="-.", lw=1.5), "predicted, excited mode"),
+                             ("predicted_rate_excited", dict(color="C2", ls="-.", lw=1.5), "predicted, excited modes"),
                              ("measured_rate", dict(color="C5", ls="-.", lw=1.5), "measured (fitted) rate")):
         value = summary.get(key)
         if key == "measured_rate" and summary.get("rate_status"):
