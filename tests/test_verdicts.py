@@ -195,6 +195,22 @@ def test_issue_lqr_edge_states_are_domain_sensitive_and_the_study_domain_fixes_i
     assert enlarged["rate"] == pytest.approx(closed, rel=0.02)
 
 
+def test_an_action_domain_that_cuts_pi_star_is_domain_sensitive():
+    # held-out LQR whose action interval [-1.2, 1.2] cuts the Gibbs policies: the cut Gaussians relax faster, the
+    # fit is ~11% above the closed form, and the dominant mode has ~1.8% of its weight within 3 cells of the
+    # boundary (measured), far above the 1e-3 share that flags it
+    rng = np.random.default_rng(14)
+    params = {"A": float(rng.uniform(0.3, 0.95)), "B": float(rng.uniform(0.4, 1.5)), "q": float(rng.uniform(0.5, 3)),
+              "r": float(rng.uniform(0.2, 1.5)), "sigma": float(rng.uniform(0.5, 0.8))}
+    raw = lqr_raw(params, float(rng.uniform(0.6, 0.9)), float(rng.uniform(0.1, 1.0)))
+    raw["actions"] |= {"lower": -1.2, "upper": 1.2}
+    _, _, s = run(raw)
+    assert abs(s["rate"] / s["oracle"]["rate_implicit_euler"] - 1) > 0.05
+    assert s["boundary_mode_share"] >= modes.BOUNDARY_MODE_SHARE
+    assert s["rate_verdict"] == "domain-sensitive"
+    assert "action boundary" in s["rate_verdict_reason"]
+
+
 def test_mode_terms_normalisation_across_states():
     # a Gaussian start on a 17-state LQR ends in the linear regime: (tau/2) sum_s W_s chi^2_s with W_s =
     # d*_rho(s)/(1 - gamma) must equal J* - J (second-order PDL, theory.md §10.2); without the 1/(1 - gamma) the
