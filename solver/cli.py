@@ -246,7 +246,10 @@ def _verdict_lines(s: dict) -> list[str]:
              "transient": f"TRANSIENT: the fitted rate is not yet the asymptotic one (last local rate "
                           f"{(s.get('rate_local_last') or float('nan')):.6g})",
              "domain-sensitive": f"DOMAIN-SENSITIVE: the rate depends on the truncation of the domain (last local "
-                                 f"rate {(s.get('rate_local_last') or float('nan')):.6g}; 'wpgflow study' refines it)"}
+                                 f"rate {(s.get('rate_local_last') or float('nan')):.6g}; 'wpgflow study' refines it)",
+             "mesh-sensitive": f"MESH-SENSITIVE: the asymptotic rate of the computed system, but the action mesh "
+                               f"moves it (estimated {100 * abs(s.get('mesh_error_estimate') or 0):.2g}%; "
+                               "'wpgflow study' refines it)"}
     lines.append(f"  rate verdict: {words[verdict]}")
     lines.extend(textwrap.wrap(f"why: {s['rate_verdict_reason']}", 110, initial_indent="    ",
                                subsequent_indent="      "))

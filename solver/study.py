@@ -293,7 +293,7 @@ def analyse(study: Plan, results: list[dict]) -> tuple[list[dict], dict[str, str
             last = levels[-1][1]
             if x0 is not None and last.get(q) is not None:
                 changes[axis] = relative_change(last[q], x0)
-            if q == "rate" and last.get("rate_verdict") in ("transient", "domain-sensitive"):
+            if q == "rate" and last.get("rate_verdict") in ("transient", "domain-sensitive", "mesh-sensitive"):
                 unresolved_rate.append(f"{axis}: {last['rate_verdict']}")
             if (len(levels) == 2 and axis != "domain" and x0 is not None
                     and all(r.get(q) is not None for _, r in levels)):  # domain: not a power law, no order
@@ -309,7 +309,7 @@ def analyse(study: Plan, results: list[dict]) -> tuple[list[dict], dict[str, str
                 verdict = ", ".join(sensitive)
             else:
                 verdict = f"resolved to {_percent(max(changes.values()))}"
-            if q == "rate" and base.get("rate_verdict") in ("transient", "domain-sensitive"):
+            if q == "rate" and base.get("rate_verdict") in ("transient", "domain-sensitive", "mesh-sensitive"):
                 unresolved_rate.insert(0, f"base: {base['rate_verdict']}")
             if unresolved_rate:
                 verdict += f" (runs say {'; '.join(unresolved_rate)})"
