@@ -8,10 +8,12 @@ SYSPY     := /usr/bin/python3
 # libopenblas0-pthread: Debian's BLAS/LAPACK alternative, taken by numpy/scipy at load time (the reference BLAS
 # that python3-numpy pulls in is ~8x slower on the kernel products and LU solves; benchmarks/bench_memory.py).
 DEB_PKGS  := python3-dolfinx-real python3-scipy python3-matplotlib python3-pytest python3-tqdm python3-venv python3-pip \
-             libopenblas0-pthread python3-flake8 python3-meshio python3-h5py python3-threadpoolctl
+             libopenblas0-pthread python3-flake8 python3-meshio python3-h5py python3-threadpoolctl python3-numba
 SYS_CHECK := import dolfinx, scipy, matplotlib, tqdm, pytest, ensurepip, flake8, meshio, h5py, threadpoolctl
 # python3-threadpoolctl: one BLAS thread for small dense LUs and products (solver/parallel.py: 10x on the
 # 121 x 121 LU of lqr_1d, where a second OpenBLAS thread costs more than it saves).
+# python3-numba: the compiled kernels of solver/parallel.py (Thomas sweep, P^pi histogram, Q gather, edge rates),
+# optional: without it (or with WPGFLOW_NUMBA=0) the pure-numpy paths run, tested to agree. Not in SYS_CHECK.
 # python3-meshio (+ python3-h5py, which its XDMF reader imports): an independent XDMF reader for tests/test_interop.py.
 # `wpgflow` on PATH: `make setup` links BINDIR/wpgflow to the venv's entry point when BINDIR is writable (root).
 BINDIR    := /usr/local/bin

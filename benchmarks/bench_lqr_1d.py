@@ -2,8 +2,10 @@
 
 Prints a table of per-stage costs, then, interleaved in one process (A B A B, medians), wpgflow's step as a run
 takes it (flow step, evaluation of the new policy, its diagnostics row) against the same step written as a plain
-vectorised-numpy finite-volume code (dense N x M x N kernel tensor, einsum, batched Thomas algorithm), and the
-wall time of a whole run to gap 1e-10. Run with ``make bench`` (or ``.venv/bin/python benchmarks/bench_lqr_1d.py``).
+vectorised-numpy finite-volume code (dense N x M x N kernel tensor, einsum, batched Thomas algorithm) -- as written
+and with one BLAS thread (under load its 121 x 121 solve is ~30x slower with OpenBLAS's two threads on 2 cores)
+-- and wpgflow without its compiled kernels (``WPGFLOW_NUMBA=0``), then the wall time of a whole run to gap
+1e-10. Run with ``make bench`` (or ``.venv/bin/python benchmarks/bench_lqr_1d.py``).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from solver import bellman, config, diagnostics, flows, runner
+from solver import bellman, config, diagnostics, flows, parallel, runner
 from solver.flows import fokker_planck
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -133,13 +135,41 @@ def main():
     print(f"setup (mesh, kernel, soft policy iteration to 1e-12): {setup:.2f} s, {opt.iterations} SPI iterations")
     print(f"machine: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}\n")
 
+    dense_P = kernel.dense_policy_matrix(masses)
+    print(f"P^pi by interpolation over a grid of means: {dense_P is not None}"
+          + (f" (operator error {kernel.policy_interpolation.error:.1e}, max |P - P_windowed| "
+             f"{np.abs(dense_P - kernel.policy_matrix(masses).toarray()).max():.1e})" if dense_P is not None else ""))
+    rates = fokker_planck.edge_rates(mdp.space, g, mdp.tau)
+    compiled = parallel.compiled(fokker_planck._thomas_chain, fokker_planck.THOMAS_SIGNATURE) is not None
+    print(f"compiled chain solve (numba): {compiled}\n")
+
+    def numpy_only(fn):
+        """``fn`` with the compiled kernels off (the pure-numpy path)."""
+        def run():
+            before = os.environ.get(parallel.NUMBA_VARIABLE)
+            os.environ[parallel.NUMBA_VARIABLE] = "0"
+            try:
+                return fn()
+            finally:
+                if before is None:
+                    del os.environ[parallel.NUMBA_VARIABLE]
+                else:
+                    os.environ[parallel.NUMBA_VARIABLE] = before
+        return run
+
     stages = {
         "policy evaluation (P^pi, LU, solve, Q)": lambda: bellman.evaluate(mdp, p),
-        "  of which P^pi": lambda: kernel.policy_matrix(masses),
-        "  of which the LU of I - gamma P^pi": lambda: bellman.Resolvent(ev.resolvent_P, mdp.gamma),
+        "  of which P^pi (as evaluate takes it)": lambda: (kernel.dense_policy_matrix(masses) if dense_P is not None
+                                                           else kernel.policy_matrix(masses)),
+        "  (P^pi windowed, dense band einsum, CSR)": lambda: kernel.policy_matrix(masses),
+        "  of which the LU of I - gamma P^pi": lambda: bellman.Resolvent(
+            dense_P if dense_P is not None else ev.resolvent_P, mdp.gamma),
         "  of which Q = R + gamma T V": lambda: bellman.q_values(mdp, ev.V),
-        "flow step (edge rates + banded solve)": lambda: flows.fokker_planck.implicit_step(mdp.space, masses, g,
-                                                                                           mdp.tau, dt),
+        "flow step (edge rates + chain solve)": lambda: fokker_planck.implicit_step(mdp.space, masses, g, mdp.tau, dt),
+        "  of which the solve (rates given)": lambda: fokker_planck.implicit_step(mdp.space, masses, g, mdp.tau, dt,
+                                                                                  rates=rates),
+        "  (the solve, numpy/LAPACK gbsv)": numpy_only(lambda: fokker_planck.implicit_step(
+            mdp.space, masses, g, mdp.tau, dt, rates=rates)),
         "diagnostics row (dissipation, KL, adjoint)": lambda: diagnostics.record(flow, state, 0.0),
     }
     ev.resolvent_P = kernel.policy_matrix(masses)
@@ -151,18 +181,31 @@ def main():
     V_plain, Q_plain = plain.evaluate(p)
     assert np.allclose(V_plain, ev.V, rtol=1e-10, atol=1e-10), "baseline disagrees with wpgflow"
     step_plain = plain.step(p, Q_plain, dt)
-    new = flows.fokker_planck.implicit_step(mdp.space, masses, g, mdp.tau, dt) / mdp.weights
+    new = fokker_planck.implicit_step(mdp.space, masses, g, mdp.tau, dt) / mdp.weights
     assert np.allclose(step_plain, new, rtol=1e-9, atol=1e-12), "baseline step disagrees with wpgflow"
 
     def plain_step():
         plain.step(p, plain.evaluate(p)[1], dt)
 
-    ours, base = interleaved(Stepper(problem), plain_step)
-    bare, base2 = interleaved(Stepper(problem, diagnostics_row=False), plain_step)
-    print("\ninterleaved, medians of 7 pairs of 5 steps:")
-    print(f"{'plain numpy FV step (dense tensor, Thomas loop)':48s} {1e3 * base:9.2f}")
-    print(f"{'wpgflow step + diagnostics row':48s} {1e3 * ours:9.2f}   ratio {ours / base:.2f} (target <= 0.3)")
-    print(f"{'wpgflow step alone':48s} {1e3 * bare:9.2f}   ratio {bare / base2:.2f}")
+    def plain_step_one_thread():
+        """The baseline without OpenBLAS's second thread: its 121 x 121 ``np.linalg.solve`` costs ~3.5 ms with
+        two threads on 2 cores and ~0.1 ms with one (the threading artefact wpgflow avoids)."""
+        with parallel.single_threaded_blas(mdp.n_states):
+            plain_step()
+
+    print(f"\ninterleaved (A B A B), medians of 7 pairs of 5 steps; load average {os.getloadavg()[0]:.1f}:")
+    print(f"{'':48s} {'ms/step':>9s}   {'wpgflow / plain':>15s}")
+    pairs = [("wpgflow step + diagnostics row", Stepper(problem), plain_step, "plain numpy step"),
+             ("wpgflow step alone", Stepper(problem, diagnostics_row=False), plain_step, "plain numpy step"),
+             ("wpgflow step + diagnostics row", Stepper(problem), plain_step_one_thread,
+              "plain numpy step, one BLAS thread"),
+             ("wpgflow step + row, pure numpy (no numba)", numpy_only(Stepper(problem)), plain_step,
+              "plain numpy step")]
+    for name, ours, theirs, base_name in pairs:
+        a, b = interleaved(ours, theirs)
+        target = " (target <= 0.3)" if name == "wpgflow step + diagnostics row" else ""
+        print(f"{base_name:48s} {1e3 * b:9.2f}")
+        print(f"{'  ' + name:48s} {1e3 * a:9.2f}   {a / b:15.2f}{target}")
 
     print("\ntime to gap 1e-10 from the uniform policy (runner.run: steps with their diagnostics rows, no observers)")
     print(f"{'flow':40s} {'dt':>6s} {'steps':>6s} {'s':>8s} {'ms/step':>8s} {'final gap':>10s}")

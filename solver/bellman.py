@@ -35,11 +35,38 @@ class Evaluation:
         V: ``(N,)`` soft value ``V^pi``.
         Q: ``(N, M)`` soft state-action value ``Q^pi``.
         resolvent: solver of ``I - gamma P^pi`` (:class:`Resolvent`), reused for the adjoint (occupancy) solves.
+        log_p: ``(N, M)`` ``log max(p, tiny)`` of the evaluated policy (``tiny`` the smallest normal double),
+            computed once for the entropy of ``r^pi`` and kept for the consumers of the same policy (the
+            dissipation of the step, :meth:`kl_gibbs`) on serial runs while it is at most
+            :data:`solver.budget.KL_CHUNK_BYTES`; None otherwise (they recompute it).
     """
 
     V: np.ndarray
     Q: np.ndarray
     resolvent: "Resolvent"
+    log_p: np.ndarray | None = None
+
+    def kl_gibbs(self, mdp: MDP, p: np.ndarray, g: np.ndarray | None = None) -> np.ndarray:
+        """``KL(pi_s || G^pi_s)`` per state ``(N,)`` for the evaluated policy ``p``, ``G^pi`` the Gibbs policy of
+        :attr:`Q` (the diagnostics row's column ``kl_gibbs_max``, ``tau`` times the Bellman residual).
+
+        ``log G = g - log Z`` with ``g = Q / tau + log mu`` (the flow's potential, passed as ``g`` when the caller
+        has it) and ``log Z_i = log sum_j w_j exp(g_ij)``, both shifted by ``max_j g_ij`` (so that the
+        cancellation in ``log p - log G`` is that of :func:`log_gibbs`), and
+        ``KL_i = sum_j w_j p_ij (log p_ij - log G_ij)``: one exponential per entry and the kept
+        :attr:`log_p` (no logarithm of ``p``), one BLAS thread (:func:`weigh`). The same value as
+        ``kl_divergence(mdp, p, log_gibbs(mdp, Q)[0])`` to round-off (tests/test_fast_paths.py);
+        ``0 log 0 = 0`` through :func:`policy_log`'s floor.
+        """
+        if g is None:
+            g = gibbs_potential(mdp, self.Q)
+        log_p = policy_log(p) if self.log_p is None else self.log_p
+        shifted = g - g.max(axis=1, keepdims=True)  # log G = shifted - log sum_j w_j exp(shifted): as log_gibbs
+        log_sum = np.log(weigh(np.exp(shifted), mdp.weights))
+        integrand = log_p - shifted
+        integrand += log_sum[:, None]
+        integrand *= p
+        return weigh(integrand, mdp.weights)
 
     def resolvent_adjoint(self, rho: np.ndarray) -> np.ndarray:
         """``x = (I - gamma P^pi)^{-T} rho``, so that ``rho^T (I - gamma P^pi)^{-1} D = x . D``.
@@ -76,14 +103,26 @@ class Resolvent:
       near that disk's rim, so GMRES needs a few dozen matrix-vector products (``benchmarks/bench_memory.py``).
       Memory: ``P^pi`` only (12 bytes per non-zero) and ``restart + 2`` vectors of ``N``.
 
+    ``P`` is a sparse matrix or a dense ``(N, N)`` array (the interpolated ``P^pi`` of
+    :class:`solver.mdp.InterpolatedPolicy`, factorised in place of a copy; converted to CSR for "sparse"/"krylov").
+
     Raises:
         ConvergenceError: (from :meth:`solve`) if GMRES does not reach :data:`KRYLOV_RTOL`.
     """
 
     METHODS = ("auto", "dense", "sparse", "krylov")
 
-    def __init__(self, P: sp.csr_matrix, gamma: float, method: str = "auto"):
+    def __init__(self, P: sp.csr_matrix | np.ndarray, gamma: float, method: str = "auto"):
         n = P.shape[0]
+        if isinstance(P, np.ndarray):  # a dense P^pi (solver.mdp.InterpolatedPolicy): no sparse round trip
+            if method == "dense" or (method == "auto" and n <= DENSE_STATES):
+                self.method, self.gamma, self._P = "dense", gamma, None
+                A = P * -gamma
+                A.flat[::n + 1] += 1.0
+                with single_threaded_blas(n):
+                    self._lu = sla.lu_factor(A, overwrite_a=True, check_finite=False)
+                return
+            P = sp.csr_matrix(P)
         if method == "auto":
             bandwidth = _bandwidth(P)
             banded = bandwidth ** 2 <= SPARSE_RATIO * P.nnz / n
@@ -249,21 +288,27 @@ def evaluate(mdp: MDP, p: np.ndarray, partition=None) -> Evaluation:
     ``Q`` on its own rows and gathers them; the LU and the solve for ``V`` are replicated on every rank, except
     on 2D state grids above :data:`DENSE_STATES` states (GMRES when serial), where ``I - gamma P^pi`` is solved
     distributed (:class:`DistributedResolvent`, PETSc) and only ``V`` is gathered.
-    One state (serial): ``P^pi = sum_j m_j`` and ``V = r^pi / (1 - gamma P^pi)`` without building a matrix
-    (:meth:`Resolvent.one_state`; the same numbers as the ``1 x 1`` LU, tests/test_fast_paths.py).
+    Serial 1D grids where the kernel built it: ``P^pi`` dense by interpolation over a grid of means
+    (:meth:`solver.mdp.GaussianGridKernel.dense_policy_matrix`, within 1e-12 of the windowed one; the MPI row
+    blocks keep the windowed product). One state (serial): ``P^pi = sum_j m_j`` and
+    ``V = r^pi / (1 - gamma P^pi)`` without building a matrix (:meth:`Resolvent.one_state`; the same numbers as
+    the ``1 x 1`` LU, tests/test_fast_paths.py).
     """
     rows = slice(None) if partition is None else partition.rows
     local = p[rows]
     masses = local * mdp.weights
-    r_pi = np.einsum("ij,ij->i", masses, mdp.reward[rows]) - mdp.tau * kl_divergence(mdp, local, mdp.log_mu)
+    # log p kept for the consumers of this policy (serial, small enough); the same entropy bit for bit for p > 0
+    log_p = policy_log(local) if partition is None and 8 * local.size <= budget.KL_CHUNK_BYTES else None
+    r_pi = np.einsum("ij,ij->i", masses, mdp.reward[rows]) - mdp.tau * kl_divergence(mdp, local, mdp.log_mu, log_p)
     if partition is None and mdp.n_states == 1:  # P^pi = sum_j m_j T_j11 = sum_j m_j (the one state's kernel is 1)
         resolvent = Resolvent.one_state(float(masses.sum()), mdp.gamma)
         V = resolvent.solve(r_pi)
-        return Evaluation(V=V, Q=q_values(mdp, V), resolvent=resolvent)
+        return Evaluation(V=V, Q=q_values(mdp, V), resolvent=resolvent, log_p=log_p)
     if partition is None:
-        resolvent = Resolvent(mdp.kernel.policy_matrix(masses), mdp.gamma)
+        P = mdp.kernel.dense_policy_matrix(masses)  # the interpolated dense P^pi where the kernel built it
+        resolvent = Resolvent(mdp.kernel.policy_matrix(masses) if P is None else P, mdp.gamma)
         V = resolvent.solve(r_pi)
-        return Evaluation(V=V, Q=q_values(mdp, V), resolvent=resolvent)
+        return Evaluation(V=V, Q=q_values(mdp, V), resolvent=resolvent, log_p=log_p)
     block = mdp.kernel.policy_matrix(masses, rows)
     if mdp.states.ndim == 2 and mdp.n_states > DENSE_STATES:  # serially GMRES: distributed instead of replicated
         resolvent = DistributedResolvent(block, mdp.gamma, partition, mdp.rho)
@@ -295,7 +340,7 @@ def log_gibbs(mdp: MDP, Q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     logits += mdp.log_mu
     shift = logits.max(axis=1, keepdims=True)
     logits -= shift
-    log_z = np.log(np.exp(logits) @ mdp.weights)[:, None]
+    log_z = np.log(weigh(np.exp(logits), mdp.weights))[:, None]
     logits -= log_z
     return logits, mdp.tau * (log_z + shift)[:, 0]
 
@@ -310,24 +355,60 @@ def soft_bellman(mdp: MDP, V: np.ndarray) -> np.ndarray:
     return log_gibbs(mdp, q_values(mdp, V))[1]
 
 
-def kl_divergence(mdp: MDP, p: np.ndarray, log_q: np.ndarray) -> np.ndarray:
+def weigh(x: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """``x @ w`` (``(n, M) @ (M,)``, sums over the action DOFs) on one BLAS thread for ``n <= SMALL_BLAS_ROWS``.
+
+    The same BLAS matrix-vector product (each row's dot product does not depend on the thread count), without
+    waking OpenBLAS's second thread, which has gone to sleep between two steps: measured on lqr_1d (121 x 257,
+    2 cores) ~0.2 ms per product with the wake-up, 5 us without.
+    """
+    with single_threaded_blas(x.shape[0] if x.ndim == 2 else 0):
+        return x @ w
+
+
+def policy_log(p: np.ndarray) -> np.ndarray:
+    """``log max(p, tiny)`` (``tiny`` the smallest normal double): the logarithm of a density with
+    ``p log p = 0`` at ``p = 0`` (``0 * log tiny = 0``), shared by the entropy and the dissipation."""
+    return np.log(np.maximum(p, np.finfo(float).tiny))
+
+
+def gibbs_potential(mdp: MDP, Q: np.ndarray) -> np.ndarray:
+    """``g = Q / tau + log mu`` ``(N, M)``, the log of the unnormalised Gibbs density (the flow's potential)."""
+    g = Q / mdp.tau
+    g += mdp.log_mu
+    return g
+
+
+def kl_divergence(mdp: MDP, p: np.ndarray, log_q: np.ndarray, log_p: np.ndarray | None = None) -> np.ndarray:
     """``KL_i(p || q) = sum_j w_j p_ij log(p_ij / q_ij)`` per state, ``0 log 0 = 0``.
 
     ``log_q`` is ``(N, M)`` or ``(M,)`` (the same for every state). Computed in chunks of states whose
-    temporaries stay below :data:`solver.budget.KL_CHUNK_BYTES`.
+    temporaries stay below :data:`solver.budget.KL_CHUNK_BYTES`. ``log_p``: :func:`policy_log` of ``p`` when the
+    caller has it (then one pass, no logarithm). A strictly positive chunk (the flows keep ``p > 0``) skips the
+    masking of zeros: the same operations on the same numbers, so the same result bit for bit.
     """
     n, m = p.shape
+    if log_p is not None:  # p log p = 0 at p = 0 through log_p's floor; w_j p_ij (log p - log q) summed over j
+        integrand = log_p - log_q
+        integrand *= p
+        return weigh(integrand, mdp.weights)
     out = np.empty(n)
     size = max(1, budget.KL_CHUNK_BYTES // (8 * m))
     for start in range(0, n, size):
         rows = slice(start, start + size)
         pc = p[rows]
+        if pc.min() > 0:
+            integrand = np.log(pc)
+            integrand -= log_q[rows] if log_q.ndim == 2 else log_q
+            integrand *= pc
+            out[rows] = weigh(integrand, mdp.weights)
+            continue
         positive = pc > 0
         integrand = np.log(np.where(positive, pc, 1.0))
         integrand -= log_q[rows] if log_q.ndim == 2 else log_q
         np.multiply(pc, integrand, out=integrand, where=positive)
         integrand[~positive] = 0.0
-        out[rows] = integrand @ mdp.weights
+        out[rows] = weigh(integrand, mdp.weights)
     return out
 
 

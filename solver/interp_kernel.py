@@ -1,9 +1,10 @@
 """Deterministic dynamics ``s' = f(s, a)`` (``sigma = 0``) on a uniform 1D state grid: ``V`` interpolated at ``f``.
 
 :class:`InterpolationKernel` has the interface of :class:`solver.mdp.GaussianGridKernel` (``expect(V, rows)``,
-``policy_matrix(masses, rows)``, ``matrix``, ``shape``, ``width``, ``interpolation``). Row ``(i, j)`` holds the
-interpolation weights of ``V`` at ``x = f(s_i, a_j)`` clipped to the grid ``[s_0, s_{N-1}]`` (a transition that
-would leave the grid lands on its edge, as the renormalised Gaussian does as ``sigma -> 0``):
+``policy_matrix(masses, rows)``, ``dense_policy_matrix``, ``matrix``, ``shape``, ``width``, ``interpolation``).
+Row ``(i, j)`` holds the interpolation weights of ``V`` at ``x = f(s_i, a_j)`` clipped to the grid
+``[s_0, s_{N-1}]`` (a transition that would leave the grid lands on its edge, as the renormalised Gaussian does
+as ``sigma -> 0``):
 
 * ``order = 1`` (linear): ``(1 - t) V_k + t V_{k+1}``, ``x = s_k + t h``. Non-negative weights summing to 1: a
   Markov kernel, so every property of theory.md §3 (monotone ``V^{pi_t}``, the Gibbs fixed point) holds. ``Q``
@@ -82,6 +83,10 @@ class InterpolationKernel:
         if self._block is None or self._block[0] != (rows.start, rows.stop):
             self._block = ((rows.start, rows.stop), self.matrix[rows.start * m:rows.stop * m])
         return (self._block[1] @ V).reshape(-1, m)
+
+    def dense_policy_matrix(self, masses: np.ndarray) -> None:
+        """No dense fast path for interpolation weights: use :meth:`policy_matrix`."""
+        return None
 
     def policy_matrix(self, masses: np.ndarray, rows: slice | None = None) -> sp.csr_matrix:
         """``P^pi_ik = sum_j m_ij T_ijk`` for action masses ``m`` (``(N, M)``, or the rows ``rows``), sparse."""

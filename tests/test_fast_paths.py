@@ -5,7 +5,12 @@
 * the one-state policy evaluation (a scalar resolvent) against the generic ``P^pi`` + LU path;
 * one BLAS thread for small LUs (:func:`solver.parallel.single_threaded_blas`) against the default threads, and
   the same code without threadpoolctl;
-* the frozen-generator dissipation (edge rates computed once) against the statewise recomputation.
+* the frozen-generator dissipation (edge rates computed once) against the statewise recomputation;
+* ``P^pi`` dense by interpolation over a grid of means (:class:`solver.mdp.InterpolatedPolicy`) against the
+  windowed CSR product, and the dense-input LU against the CSR one;
+* the compiled chain solve of the implicit step (numba, when installed) against LAPACK's banded solve;
+* the kept ``log p`` (entropy, dissipation, :meth:`solver.bellman.Evaluation.kl_gibbs`), the branch-free SG edge
+  rates and the one-reduction finiteness check against the expressions they replace.
 """
 
 import numpy as np
@@ -13,6 +18,7 @@ import pytest
 import scipy.linalg as sla
 
 from solver import bellman, diagnostics, flows, parallel
+from solver.flows import fokker_planck
 from solver.fem import interval_space
 from solver.mdp import INTERPOLATION_TOLERANCE, GaussianGridKernel, build_mdp
 from solver.models import bandit, lqr
@@ -136,3 +142,153 @@ def test_single_threaded_blas_restores_the_thread_count():
     assert threads() == before
     with parallel.single_threaded_blas(parallel.SMALL_BLAS_ROWS + 1):  # large: untouched
         assert threads() == before
+
+
+def test_interpolated_policy_matrix_equals_the_windowed_one(lqr_pair):
+    fast, plain = lqr_pair
+    interp = fast.kernel.policy_interpolation
+    assert interp is not None and plain.kernel.policy_interpolation is None
+    assert plain.kernel.dense_policy_matrix(np.ones((41, 129))) is None
+    # the measured operator bound: 16 Lagrange nodes on sigma / 8 is ~14 (1/8)^16 ~ 5e-14
+    assert interp.error <= INTERPOLATION_TOLERANCE
+    for seed in (0, 1):  # a rough random policy and a smooth one (Gibbs-like)
+        p = random_policy(fast, seed) if seed == 0 else bellman.gibbs(fast, np.outer(np.ones(41), -np.linspace(
+            -6, 6, 129) ** 2))
+        masses = p * fast.weights
+        P = fast.kernel.dense_policy_matrix(masses)
+        reference = plain.kernel.policy_matrix(masses).toarray()
+        # row sums of |P - P_windowed| <= err sum_j m_ij = err (plus the round-off of the sums, ~1e-16)
+        assert np.abs(P - reference).sum(axis=1).max() <= interp.error + 1e-15
+        assert P.min() >= 0  # clipped: I - gamma P stays an M-matrix
+        np.testing.assert_allclose(P.sum(axis=1), masses.sum(axis=1), rtol=0, atol=1e-14)  # mass: Lagrange sums to 1
+
+
+def test_dense_resolvent_equals_the_csr_one(small_well):
+    P = small_well.kernel.policy_matrix(random_policy(small_well, 4) * small_well.weights)
+    b = np.random.default_rng(2).normal(size=small_well.n_states)
+    dense = P.toarray()
+    for method in ("auto", "dense", "sparse"):
+        a, c = bellman.Resolvent(dense.copy(), 0.8, method), bellman.Resolvent(P, 0.8, method)
+        assert a.method == c.method
+        for trans in ("N", "T"):  # cond(I - gamma P) <= 9: round-off of two LU orders, ~1e-15
+            np.testing.assert_allclose(a.solve(b, trans), c.solve(b, trans), rtol=1e-13, atol=1e-14)
+
+
+def test_gibbs_fixed_point_and_monotone_values_on_the_fast_paths(lqr_pair):
+    """pi* of the fast MDP (SPI through the interpolated P^pi and Q) is a fixed point of the flow to round-off."""
+    fast, _ = lqr_pair
+    opt = bellman.soft_policy_iteration(fast)
+    assert opt.residual <= 1e-10 * max(1.0, np.abs(opt.V).max())
+    states = [s for _, s in zip(range(3), flows.states("wasserstein", fast, opt.p, dt=0.5))]
+    for state in states[1:]:
+        np.testing.assert_allclose(state.p, opt.p, rtol=1e-9, atol=1e-12)  # all fluxes vanish at u = const
+        assert np.abs(state.evaluation.V - opt.V).max() <= 1e-11 * np.abs(opt.V).max()
+
+
+@pytest.mark.parametrize("jump", [0.3, 8.0])
+def test_compiled_chain_solve_equals_the_banded_one(monkeypatch, jump):
+    """The numba Thomas sweep against LAPACK's gbsv, for mild and for stiff potentials (|dg| up to ~30)."""
+    pytest.importorskip("numba")
+    space = interval_space(-2, 2, 63)
+    rng = np.random.default_rng(3)
+    g = np.cumsum(rng.normal(scale=jump, size=(9, 64)), axis=1)
+    masses = rng.uniform(0.0, 1.0, size=(9, 64)) * space.weights
+    masses[0, :10] = 0.0  # zero masses stay exactly zero-or-positive
+    monkeypatch.setattr(fokker_planck, "COMPILED_MIN_ENTRIES", 0)
+    monkeypatch.setenv(parallel.NUMBA_VARIABLE, "0")
+    banded = fokker_planck.implicit_step(space, masses, g, 0.5, 0.1)
+    monkeypatch.setenv(parallel.NUMBA_VARIABLE, "1")
+    if parallel.compiled(fokker_planck._thomas_chain, fokker_planck.THOMAS_SIGNATURE) is None:
+        pytest.skip("numba is installed but cannot compile here")
+    fast = fokker_planck.implicit_step(space, masses, g, 0.5, 0.1)
+    # both direct without pivoting on a column dominant M-matrix (condition <= 1 + 2 dt max rate): round-off
+    np.testing.assert_allclose(fast, banded, rtol=1e-12, atol=1e-16)
+    assert fast.min() >= 0
+    np.testing.assert_allclose(fast.sum(axis=1), masses.sum(axis=1), rtol=1e-14)  # 1^T (I - dt L) = 1^T
+
+
+def test_compiled_histogram_and_gather_equal_the_sparse_products(lqr_pair, monkeypatch):
+    pytest.importorskip("numba")
+    from solver import mdp as mdp_module
+
+    fast, _ = lqr_pair
+    kernel = fast.kernel
+    monkeypatch.setattr(mdp_module, "COMPILED_MIN_ENTRIES", 0)
+    model = lqr(**(LQR_PARAMS | {"sigma": 0.9}))
+    mean = model.dynamics(fast.states[:, None], fast.space.coords[:, 0][None, :])
+    policy = mdp_module.InterpolatedPolicy(mdp_module.MeanInterpolation(
+        fast.states, mean, 0.9, kernel.matrix, mdp_module.POLICY_GRID_PER_SIGMA, mdp_module.POLICY_DEGREE), 41, 129)
+    masses = random_policy(fast, 5) * fast.weights
+    monkeypatch.setenv(parallel.NUMBA_VARIABLE, "0")
+    sparse = policy(masses)
+    monkeypatch.setenv(parallel.NUMBA_VARIABLE, "1")
+    if parallel.compiled(mdp_module._histogram, mdp_module.HISTOGRAM_SIGNATURE) is None:
+        pytest.skip("numba is installed but cannot compile here")
+    np.testing.assert_array_equal(policy(masses), sparse)  # the same sums in the same order
+    interp = mdp_module.MeanInterpolation(fast.states, mean, 0.9, kernel.matrix)  # the T V one, compiled gather
+    V = np.random.default_rng(6).normal(size=41)
+    gathered = interp.expect(V, 129)
+    np.testing.assert_array_equal(interp.expect(V, 129, slice(7, 30)), gathered[7:30])  # MPI row blocks
+    monkeypatch.setenv(parallel.NUMBA_VARIABLE, "0")
+    np.testing.assert_array_equal(gathered, interp.expect(V, 129))
+
+
+def test_compiled_rates_and_dissipation_equal_numpy(small_well, monkeypatch):
+    pytest.importorskip("numba")
+    p = random_policy(small_well, 11)
+    ev = bellman.evaluate(small_well, p)
+    g = flows.potential(small_well, ev.Q)
+    g[0, 3:6] = g[0, 2]  # dg = 0 exactly: B(0) = 1
+    monkeypatch.setattr(fokker_planck, "COMPILED_MIN_ENTRIES", 0)
+    if parallel.compiled(fokker_planck._sg_chain_rates_dissipation, fokker_planck.FUSED_SIGNATURE) is None:
+        pytest.skip("numba is installed but cannot compile here")
+    (fwd, bwd), D = fokker_planck.rates_and_dissipation(small_well, p, g, "sg", ev.log_p)
+    reference = fokker_planck.edge_rates(small_well.space, g, small_well.tau)
+    np.testing.assert_array_equal(fwd, reference[0])  # the same operations (libm's expm1 in both)
+    np.testing.assert_array_equal(bwd, reference[1])
+    # sums of ~40 positive terms in another order: round-off
+    np.testing.assert_allclose(D, fokker_planck.dissipation(small_well, p, g, "sg", reference), rtol=1e-13)
+    assert D.min() > 0
+
+
+def test_compiled_kernels_can_be_turned_off(monkeypatch):
+    monkeypatch.setenv(parallel.NUMBA_VARIABLE, "0")
+    assert parallel.compiled(fokker_planck._thomas_chain, fokker_planck.THOMAS_SIGNATURE) is None
+
+
+def test_kept_log_p_gives_the_same_entropy_dissipation_and_kl(small_well):
+    p = random_policy(small_well, 9)
+    p[3, :5] = 0.0  # 0 log 0 = 0
+    p /= (p @ small_well.weights)[:, None]
+    ev = bellman.evaluate(small_well, p)
+    assert ev.log_p is not None
+    np.testing.assert_array_equal(bellman.kl_divergence(small_well, p, small_well.log_mu, ev.log_p),
+                                  bellman.kl_divergence(small_well, p, small_well.log_mu))  # same operations
+    g = flows.potential(small_well, ev.Q)
+    rates = fokker_planck.edge_rates(small_well.space, g, small_well.tau)
+    np.testing.assert_array_equal(fokker_planck.dissipation(small_well, p, g, "sg", rates, ev.log_p),
+                                  fokker_planck.dissipation(small_well, p, g, "sg", rates))
+    reference = bellman.kl_divergence(small_well, p, bellman.log_gibbs(small_well, ev.Q)[0])
+    # the same shifted logarithms, grouped differently: round-off of log p - log G (|log p| <= ~40 here)
+    np.testing.assert_allclose(ev.kl_gibbs(small_well, p, g), reference, rtol=0, atol=1e-14)
+    np.testing.assert_allclose(ev.kl_gibbs(small_well, p), reference, rtol=0, atol=1e-14)
+    opt = bellman.soft_policy_iteration(small_well)  # at the Gibbs fixed point KL = 0: no cancellation blow-up
+    assert np.abs(bellman.evaluate(small_well, opt.p).kl_gibbs(small_well, opt.p)).max() <= 1e-15
+
+
+def test_branch_free_sg_rates_equal_the_selected_ones(small_well):
+    g = flows.potential(small_well, bellman.evaluate(small_well, random_policy(small_well, 2)).Q)
+    g[0, 3:6] = g[0, 2]  # dg = 0 exactly
+    fwd, bwd = fokker_planck.edge_rates(small_well.space, g, small_well.tau)
+    j, k = small_well.space.edges[:, 0], small_well.space.edges[:, 1]
+    dg = g[:, k] - g[:, j]
+    small = fokker_planck.bernoulli(np.abs(dg))
+    large = np.abs(dg) + small
+    scale = small_well.tau * small_well.space.conductance
+    np.testing.assert_array_equal(fwd, scale * np.where(dg > 0, large, small))
+    np.testing.assert_array_equal(bwd, scale * np.where(dg > 0, small, large))
+
+
+def test_one_reduction_finiteness_check():
+    assert flows.base.all_finite(np.ones(5)) and flows.base.all_finite(np.full(4, 1e308))  # sum overflows: checked
+    assert not flows.base.all_finite(np.array([1.0, np.nan])) and not flows.base.all_finite(np.array([np.inf, -1.0]))

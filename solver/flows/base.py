@@ -72,15 +72,21 @@ def evaluate_checked(mdp: MDP, p: np.ndarray, step: int, t: float,
         NumericalError: naming the step and time.
     """
     where = f"at step {step} (t = {t:.6g})"
-    if not np.all(np.isfinite(p)):
+    if not all_finite(p):
         raise NumericalError(f"non-finite values in the policy {where}")
     try:
         ev = bellman.evaluate(mdp, p, None if partition is None or partition.serial else partition)
     except (RuntimeError, ValueError, np.linalg.LinAlgError) as exc:  # singular or non-finite I - gamma P^pi
         raise NumericalError(f"policy evaluation failed {where}: {exc}") from None
-    if not (np.all(np.isfinite(ev.V)) and np.all(np.isfinite(ev.Q))):
+    if not (all_finite(ev.V) and all_finite(ev.Q)):
         raise NumericalError(f"non-finite values in V or Q {where}")
     return ev
+
+
+def all_finite(x: np.ndarray) -> bool:
+    """``np.all(np.isfinite(x))`` by two reductions and no temporary: a NaN propagates into ``min`` and
+    ``max``, and an infinity is one of them."""
+    return x.size == 0 or bool(np.isfinite(x.min()) and np.isfinite(x.max()))
 
 
 class Flow:

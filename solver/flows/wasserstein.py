@@ -32,7 +32,8 @@ import numpy as np
 from .. import budget
 from ..config import ConfigError
 from .base import Flow, FlowState
-from .fokker_planck import FrozenPropagator, dissipation, edge_rates, exponential_step, implicit_step, uniformise
+from .fokker_planck import (FrozenPropagator, dissipation, edge_rates, exponential_step, implicit_step,
+                            rates_and_dissipation, uniformise)
 
 
 def implicit_euler_rate(ell: float, dt: float) -> float:
@@ -151,14 +152,15 @@ class Wasserstein(Flow):
         if mdp.n_states == 1:  # the generator is frozen (start): its edge rates are computed once
             if getattr(self, "_frozen_rates", None) is None:
                 self._frozen_rates = edge_rates(mdp.space, state.g, mdp.tau, scheme)
-            return dissipation(mdp, state.p, state.g, scheme, self._frozen_rates)
+            return dissipation(mdp, state.p, state.g, scheme, self._frozen_rates, state.evaluation.log_p)
         p, g = state.p[rows], state.g[rows]
         if 16 * g.shape[0] * mdp.space.edges.shape[0] > budget.SOLVE_CHUNK_BYTES:  # too large to keep: chunks
             self._rates = None
             return self.partition.gather(dissipation(mdp, p, g, scheme))
-        rates = edge_rates(mdp.space, g, mdp.tau, scheme)
+        # the evaluation's log p (serial runs) is that of this policy: the entropy of r^pi took it
+        rates, D = rates_and_dissipation(mdp, p, g, scheme, state.evaluation.log_p)
         self._rates = (state, rates)  # the next step from this state uses the same rates (implicit_step)
-        return self.partition.gather(dissipation(mdp, p, g, scheme, rates))
+        return self.partition.gather(D)
 
     def predicted_rate(self, ell_min: float) -> float | None:
         if not math.isfinite(ell_min):
