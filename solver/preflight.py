@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 
-from . import bellman, budget, fem, models
+from . import bellman, budget, fem, flows, models
 from .config import Config, ConfigError, inspect_xdmf
 
 
@@ -21,10 +21,8 @@ ROW_BYTES = 1024
 
 
 def projected_steps(config: Config) -> float:
-    """Steps a run takes at most: ``t_end / dt`` (``floor(t_end)`` iterations for soft policy iteration;
-    for adaptive steps ``t_end / dt`` bounds the count too: they start at ``dt`` and grow where the flow is smooth)."""
-    f = config.flow
-    return math.floor(f.t_end) if f.kind == "policy_iteration" else f.t_end / f.dt
+    """Steps a run takes at most (:meth:`solver.flows.base.Flow.projected_steps` of its kind)."""
+    return flows.lookup(config.flow.kind).projected_steps(config.flow)
 
 
 def action_dofs(config: Config) -> int:
@@ -61,8 +59,7 @@ def memory_needed(config: Config, model: models.Model) -> int:
     bands = tuple(min(k, 2 * w) for k, w in axes)
     extra = (ROW_BYTES * min(projected_steps(config), 1e15) + 8 * (config.output.snapshots + 1) * n
              + (8 * m * m if m <= 600 else 0))
-    if config.flow.kind == "particles":  # positions, noise, drift and cell indices of every particle
-        extra += 32 * n * config.flow.particles
+    extra += flows.lookup(config.flow.kind).extra_bytes(config.flow, n)  # e.g. the particles of each state
     if len(axes) == 2:
         stored = budget.window_bytes(n, m, *widths) <= budget.WINDOW_STORE_BYTES
         return int(budget.memory_estimate(n, m, widths, bands, stored) + extra)
@@ -105,8 +102,8 @@ def preflight(config: Config, model: models.Model, force_size: bool = False) -> 
         key = "states.n"  # the term that dominates the estimate
         if ROW_BYTES * min(steps, 1e15) > needed / 2:
             key = "flow.dt"
-        elif config.flow.kind == "particles" and 32 * n * config.flow.particles > needed / 2:
-            key = "flow.particles"
+        elif (kind := flows.lookup(config.flow.kind)).extra_bytes(config.flow, n) > needed / 2:
+            key = kind.extra_bytes_key
         raise ConfigError(f"{key}: the run needs about {needed / 2 ** 30:.3g} GiB ({grid} states x "
                           f"{action_dofs(config)} action DOFs) but {available / 2 ** 30:.3g} GiB are available "
                           "(MemAvailable); allowed: smaller states.n / actions.cells / flow.particles, fewer steps "

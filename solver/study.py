@@ -58,7 +58,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import config as config_module, pool
+from . import config as config_module, flows, pool
 from .bellman import ConvergenceError
 from .config import ConfigError
 from .sweep import OK_STATUSES
@@ -123,8 +123,8 @@ def _refinements(cfg, raw: dict, axis: str, level: int, reach: list[float] | Non
             return ['actions.resolution="fine"'], None
         return [], f"the {a.domain} mesh has no finer shipped level than {a.resolution!r}"
     if axis == "dt":
-        if f.kind == "policy_iteration":
-            return [], "soft policy iteration does not depend on flow.dt"
+        if not flows.lookup(f.kind).time_stepped:
+            return [], f"flow.kind = {f.kind!r} does not depend on flow.dt"
         items = [f"flow.dt={f.dt / 2 ** level!r}"]
         if f.adaptive:
             items.append(f"flow.adapt_tol={f.adapt_tol / 4 ** level!r}")

@@ -101,6 +101,8 @@ class Flow:
         integrators: the ``flow.integrator`` values it runs ("implicit"; the WPG flow also "exponential").
         fokker_planck: its step is the discrete Fokker-Planck generator of theory.md §3, so the along-flow rate
             check (certified bound, theory.md §10.1) and the LSI rate bound apply to it.
+        time_stepped: its steps advance flow time by ``flow.dt`` (soft policy iteration: one iteration per unit
+            ``t``, independent of ``dt``).
 
     Args:
         mdp: the discrete MDP.
@@ -116,9 +118,24 @@ class Flow:
     linear_rate: ClassVar[bool] = True
     integrators: ClassVar[tuple[str, ...]] = ("implicit",)
     fokker_planck: ClassVar[bool] = False
+    time_stepped: ClassVar[bool] = True
 
     def __init__(self, mdp: MDP, config, partition: Partition, model=None):
         self.mdp, self.config, self.partition, self.model = mdp, config, partition, model
+
+    @classmethod
+    def projected_steps(cls, config) -> float:
+        """Steps a run of ``config`` (the ``[flow]`` table) takes at most: ``t_end / dt`` (adaptive steps start at
+        ``dt`` and grow where the flow is smooth, so this bounds them too)."""
+        return config.t_end / config.dt
+
+    #: The config key that sets :meth:`extra_bytes` (named when the memory check refuses a run).
+    extra_bytes_key: ClassVar[str] = "states.n"
+
+    @classmethod
+    def extra_bytes(cls, config, n_states: int) -> int:
+        """Memory this kind needs beyond the policy arrays every kind has, bytes (for the preflight estimate)."""
+        return 0
 
     @classmethod
     def check(cls, config, space, partition: Partition) -> None:

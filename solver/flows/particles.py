@@ -129,6 +129,14 @@ class Particles(Flow):
     actions_2d = False
     linear_rate = False
 
+    #: positions, noise, drift and cell index of every particle, bytes
+    BYTES_PER_PARTICLE = 32
+    extra_bytes_key = "flow.particles"
+
+    @classmethod
+    def extra_bytes(cls, config, n_states: int) -> int:
+        return cls.BYTES_PER_PARTICLE * n_states * config.particles
+
     def start(self, p0: np.ndarray) -> np.ndarray:
         space = self.mdp.space
         _check_interval(space)

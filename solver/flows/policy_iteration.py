@@ -7,6 +7,8 @@ it has no linear rate and no ``dJ/dt``.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from .. import bellman
@@ -18,6 +20,11 @@ class PolicyIteration(Flow):
 
     kind = "policy_iteration"
     linear_rate = False
+    time_stepped = False
+
+    @classmethod
+    def projected_steps(cls, config) -> float:
+        return math.floor(config.t_end)
 
     def advance(self, state: FlowState, t_end: float) -> tuple[np.ndarray, float, int]:
         return bellman.gibbs(self.mdp, state.evaluation.Q), float(state.step + 1), 0
