@@ -28,7 +28,7 @@ import scipy.linalg as sla
 import scipy.sparse as sp
 import scipy.sparse.linalg as spla
 
-from . import bellman, budget
+from . import budget
 from .flows.base import Flow, FlowState, potential
 from .flows.fokker_planck import edge_rates, incidence
 from .mdp import MDP
@@ -54,20 +54,55 @@ def record(flow: Flow, state: FlowState, J_star: float, previous: dict | None = 
     ev, p = state.evaluation, state.p
     rows = partition.rows
     J = float(mdp.rho @ ev.V)
-    # KL(pi_s || G^pi_s) in chunks of states: the (N, M) log-Gibbs table and its temporaries are never whole
-    kl = budget.by_state_chunks(mdp.space, lambda pc, qc: bellman.kl_divergence(mdp, pc, bellman.log_gibbs(mdp, qc)[0]),
-                                p[rows], ev.Q[rows])
+    min_density = float(p.min())
+    kl = kl_to_gibbs(mdp, p[rows], state.g[rows], min_density > 0)
     return {
         "t": state.t,
         "dt": state.dt,
         "J": J,
         "gap": J_star - J,
         "dissipation": predicted_dissipation(flow, state),
-        "kl_gibbs_max": partition.max(float(np.max(kl))),
-        "mass_error": float(np.max(np.abs(p @ mdp.weights - 1.0))),
-        "min_density": float(np.min(p)),
+        "kl_gibbs_max": partition.max(float(kl.max())),
+        "mass_error": float(np.abs(p @ mdp.weights - 1.0).max()),
+        "min_density": min_density,
         "dissipation_ratio": dissipation_ratio(J, state.dt, previous),
     }
+
+
+def kl_to_gibbs(mdp: MDP, p: np.ndarray, g: np.ndarray, positive: bool = False) -> np.ndarray:
+    """``KL(p_s || G_s)`` per state, ``(n,)``, for the policies ``p (n, M)`` and the potentials ``g = Q / tau + log mu``
+    of their Gibbs policies (``FlowState.g``): ``sum_j w_j p_j (log p_j - log G_j)``, ``0 log 0 = 0``.
+
+    The operations of ``solver.bellman.kl_divergence(mdp, p, log_gibbs(mdp, Q)[0])`` (the same values bit for bit)
+    without recomputing ``g`` from ``Q``, in chunks of states whose temporaries stay below
+    :data:`solver.budget.KL_CHUNK_BYTES` (the ``(N, M)`` log-Gibbs table is never whole). ``positive``: the caller
+    knows ``p > 0`` everywhere (no masking). Cost: one ``exp`` and one ``log`` per entry, two matrix-vector products.
+    """
+    n, m = p.shape
+    w = mdp.weights
+    size = max(1, budget.KL_CHUNK_BYTES // (8 * m))
+    if size >= n:
+        return _kl_chunk(p, g, w, positive)
+    out = np.empty(n)
+    for start in range(0, n, size):
+        out[start:start + size] = _kl_chunk(p[start:start + size], g[start:start + size], w, positive)
+    return out
+
+
+def _kl_chunk(p: np.ndarray, g: np.ndarray, w: np.ndarray, positive: bool) -> np.ndarray:
+    log_g = g - g.max(axis=1, keepdims=True)  # log G = g - max g - log sum_j w_j exp(g_j - max g)
+    log_g -= np.log(np.exp(log_g) @ w)[:, None]
+    if positive:
+        integrand = np.log(p)
+        integrand -= log_g
+        integrand *= p
+        return integrand @ w
+    mask = p > 0
+    integrand = np.log(np.where(mask, p, 1.0))
+    integrand -= log_g
+    np.multiply(p, integrand, out=integrand, where=mask)
+    integrand[~mask] = 0.0
+    return integrand @ w
 
 
 def predicted_dissipation(flow: Flow, state: FlowState) -> float:

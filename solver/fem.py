@@ -30,6 +30,7 @@ from __future__ import annotations
 import logging
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -71,7 +72,7 @@ class ActionSpace:
     def dim(self) -> int:
         return self.coords.shape[1]
 
-    @property
+    @cached_property  # the frozen dataclass has a __dict__: computed once per space (4 calls per step)
     def is_chain(self) -> bool:
         """True for a 1D mesh numbered left to right: edges are exactly ``(0, 1), (1, 2), ...``."""
         e = self.edges

@@ -80,16 +80,20 @@ class Ledger(Observer):
     def __init__(self, problem, schedule: Schedule | None = None, out: Path | None = None, peers=()):
         self.problem, self.schedule, self.out, self.peers = problem, schedule, out, peers
         self.rows: list[dict] = []
+        self._blocks: list[np.ndarray] = []  # the rows as arrays (n_states, len(COLUMNS)) per snapshot, for checkpoints
         self.history: list[dict] = []
         self.bounds = None
         self._V_initial = None
-        self._fits = None
+        space = problem.mdp.space
+        # what is constant over the run is computed here, before the time loop (runner: setup, not time_per_step_s):
+        # the 2D patch fits of the mesh, and the a-priori bounds at osc V = 0, whose parts give the bounds at the
+        # osc V of the first state exactly (regularity.Bounds.at, the same arithmetic as regularity.apriori_bounds)
+        self._fits = regularity.patch_fits(space.coords, space.edges) if space.dim == 2 else None
+        V_star = problem.optimum.V
+        self._base = regularity.apriori_bounds(problem.model, problem.mdp, V_star, np.full_like(V_star, V_star.max()),
+                                               isinstance(problem.mdp.kernel, GaussianGridKernel))
         self._previous = None  # (t, Q) of the last recorded snapshot
         self._last_t = None
-
-    def start(self, problem) -> None:
-        if problem.mdp.space.dim == 2:
-            self._fits = regularity.patch_fits(problem.mdp.space.coords, problem.mdp.space.edges)
 
     def observe(self, row: dict, state) -> None:
         self.history.append({"t": row["t"], "gap": row["gap"], "dissipation": row["dissipation"]})
@@ -106,15 +110,21 @@ class Ledger(Observer):
             write(Path(self.out) / "hypotheses.csv", self.rows)
 
     def _set_bounds(self, V_initial: np.ndarray) -> None:
+        """The a-priori bounds with ``osc V <= max V* - min V^{pi_0}`` (:func:`solver.regularity.apriori_bounds`)."""
         p = self.problem
         self._V_initial = V_initial
-        self.bounds = regularity.apriori_bounds(p.model, p.mdp, p.optimum.V, V_initial,
-                                                isinstance(p.mdp.kernel, GaussianGridKernel))
+        osc_V = float(np.max(p.optimum.V) - np.min(V_initial))
+        if osc_V > self._base.osc_V:
+            self.bounds = self._base.at(osc_V)
+        else:  # pi_0 optimal to round-off
+            self.bounds = regularity.apriori_bounds(p.model, p.mdp, p.optimum.V, V_initial,
+                                                    isinstance(p.mdp.kernel, GaussianGridKernel))
 
     def checkpoint_state(self) -> dict:
         """Arrays of what the ledger carries (its rows, the history ratios, the bounds, the last snapshot's ``Q``)
         for a checkpoint; :meth:`restore_state` inverts it, so a resumed run writes the same ``hypotheses.csv``."""
-        data = {"rows": np.array([[r[c] for c in COLUMNS] for r in self.rows], float).reshape(-1, len(COLUMNS)),
+        rows = np.concatenate(self._blocks) if self._blocks else np.zeros((0, len(COLUMNS)))
+        data = {"rows": rows,
                 "history": np.array([[h["t"], h["gap"], h["dissipation"]] for h in self.history],
                                     float).reshape(-1, 3)}
         if self._V_initial is not None:
@@ -125,8 +135,9 @@ class Ledger(Observer):
 
     def restore_state(self, data: dict) -> None:
         """Inverse of :meth:`checkpoint_state`."""
-        self.rows = [{c: (int(v) if c == "state" else float(v)) for c, v in zip(COLUMNS, row)}
-                     for row in np.asarray(data["rows"]).reshape(-1, len(COLUMNS))]
+        block = np.asarray(data["rows"], float).reshape(-1, len(COLUMNS))
+        self._blocks = [block] if block.size else []
+        self.rows = [{c: (int(v) if c == "state" else float(v)) for c, v in zip(COLUMNS, row)} for row in block]
         self.history = [{"t": float(t), "gap": float(g), "dissipation": float(d)}
                         for t, g, d in np.asarray(data["history"]).reshape(-1, 3)]
         if "V_initial" in data:
@@ -154,11 +165,16 @@ class Ledger(Observer):
         b = self.bounds
         if V is not None and b is not None:
             V_star = self.problem.optimum.V
-            b = b.at(max(float(V_star.max()), float(V.max())) - min(float(V.min()), float(V_star.max()) - b.osc_V))
-        for i in range(mdp.n_states):
-            row = {"t": float(t), "state": i} | {k: float(v[i]) for k, v in q.items()}
-            row |= {"dQ_bound": float(b.dQ[i]), "d2Q_bound": float(b.d2Q[i]), "oscQ_bound": float(b.oscQ[i]),
-                    "dtQ_sup": float(dtq[i])}
+            osc_V = max(float(V_star.max()), float(V.max())) - min(float(V.min()), float(V_star.max()) - b.osc_V)
+            b = b.at(osc_V)
+        n = mdp.n_states
+        columns = q | {"t": np.full(n, float(t)), "state": np.arange(n, dtype=float), "dQ_bound": b.dQ,
+                       "d2Q_bound": b.d2Q, "oscQ_bound": b.oscQ, "dtQ_sup": dtq}
+        block = np.column_stack([np.broadcast_to(np.asarray(columns[c], float), (n,)) for c in COLUMNS])
+        self._blocks.append(block)
+        for values in block.tolist():  # Python floats, as float(v[i]) gave
+            row = dict(zip(COLUMNS, values))
+            row["state"] = int(row["state"])
             self.rows.append(row)
 
     def summary(self) -> dict:

@@ -16,6 +16,7 @@ report and keep; they never change the flow (the stepper stays pure).
 
 from __future__ import annotations
 
+import bisect
 import csv
 import math
 from pathlib import Path
@@ -210,10 +211,11 @@ class Progress(Observer):
         elapsed = now - self._start
         if progress >= 1.0:
             return 0.0
-        past = [s for s in self._samples if s[0] <= self._start + 0.5 * elapsed]
-        if not past or elapsed <= 0:
+        # the samples are in time order: the last one at or before the half-way time, by bisection (O(log n))
+        last = bisect.bisect_right(self._samples, (self._start + 0.5 * elapsed, math.inf))
+        if not last or elapsed <= 0:
             return None
-        w0, f0 = past[-1]
+        w0, f0 = self._samples[last - 1]
         speed = (progress - f0) / (now - w0) if now > w0 else 0.0
         return (1.0 - progress) / speed if speed > 0 else None
 
@@ -225,20 +227,20 @@ class Progress(Observer):
             self._gap0 = gap
         now = time.perf_counter()
         progress = self.fraction(state.t, gap)
-        eta = self.eta(now, progress)
         self._samples.append((now, progress))
         if len(self._samples) > 4096:  # keep the memory bounded: every other old sample
             self._samples = self._samples[:2048:2] + self._samples[2048:]
-        self._row = (state.t, gap, progress, eta, now)
-        text = _status(state.t, self.t_end, gap, self.gap_tol, eta)
+        self._row = (state.t, gap, progress, None, now)
+        # the ETA and the status text only when they are shown (at most 10 redraws a second, or a plain line)
         if self._bar is not None:
             self._bar.n = int(round(1000 * progress))
-            self._bar.set_postfix_str(text, refresh=False)
-            if now - self._drawn > 0.1:  # at most 10 redraws per second
+            if now - self._drawn > 0.1:
+                self._bar.set_postfix_str(_status(state.t, self.t_end, gap, self.gap_tol, self.eta(now, progress)),
+                                          refresh=False)
                 self._bar.refresh()
                 self._drawn = now
         elif int(10 * progress) > self._last_line[1] or now - self._last_line[0] >= self.every:
-            self._line(progress, text, now)
+            self._line(progress, _status(state.t, self.t_end, gap, self.gap_tol, self.eta(now, progress)), now)
 
     def _line(self, progress: float, text: str, now: float) -> None:
         self._last_line = (now, float(int(10 * progress)))

@@ -250,21 +250,18 @@ class Bounds:
     d2Q: np.ndarray
     oscQ: np.ndarray
     osc_V: float
-    parts: tuple | None = None  # (|d_a r|, c1, |d_a^2 r|, c2, osc_a r): bound = max_a(|r'| + c osc_V)
+    parts: tuple | None = None  # (|d_a r|, c1, |d_a^2 r|, c2, osc_a r, gamma): bound = max_a(|r'| + c osc_V)
 
     def at(self, osc_V: float) -> "Bounds":
-        """The same bounds with another ``osc V`` (a non-monotone flow: ``V^{pi_t}`` below ``min V^{pi_0}``)."""
+        """The same bounds with a larger ``osc V`` (a non-monotone flow: ``V^{pi_t}`` below ``min V^{pi_0}``), with
+        the arithmetic of :func:`apriori_bounds`: bit for bit the bounds it computes with that ``osc V``."""
         if osc_V <= self.osc_V or self.parts is None:
             return self
-        dr, c1, d2r, c2, osc_r = self.parts
+        dr, c1, d2r, c2, osc_r, gamma = self.parts
         nan = np.full(osc_r.shape, math.nan)
         return Bounds((dr + c1 * osc_V).max(axis=1) if dr is not None else nan,
                       (d2r + c2 * osc_V).max(axis=1) if d2r is not None else nan,
-                      osc_r + self.gamma_osc * osc_V, osc_V, self.parts)
-
-    @property
-    def gamma_osc(self) -> float:
-        return self.parts[5]
+                      osc_r + gamma * osc_V, osc_V, self.parts)
 
 
 def apriori_bounds(model, mdp, V_star: np.ndarray, V_initial: np.ndarray, gaussian: bool) -> Bounds:

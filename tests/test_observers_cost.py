@@ -1,0 +1,150 @@
+"""The cheaper observers and diagnostics of issue 14 against their plain definitions: the same numbers (bit for
+bit where the operations are the same, to round-off where a factorisation changed), and the certified gap still a
+lower bound (solver/diagnostics.py, solver/lsi.py, solver/along_flow.py, solver/ledger.py, solver/observers.py)."""
+
+import io
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import scipy.linalg as sla
+
+from solver import bellman, budget, config, diagnostics, flows, ledger, lsi, regularity, runner
+from solver.along_flow import state_constants
+from solver.fem import rectangle_space
+from solver.mdp import GaussianGridKernel
+from solver.observers import Progress
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY_LQR = ["states.n=13", "actions.cells=32", "flow.t_end=0.3", "flow.dt=0.05"]
+
+
+@pytest.fixture(scope="module")
+def lqr():
+    problem = runner.build(config.load(ROOT / "experiments" / "lqr_1d.toml", TINY_LQR))
+    states = list(flows.trajectory(runner.make_flow(problem), bellman.uniform_policy(problem.mdp), 0.1))
+    return problem, states
+
+
+def test_kl_to_gibbs_is_the_plain_kl_bit_for_bit(lqr, monkeypatch):
+    """KL(p || G) from the state's potential g equals kl_divergence(p, log_gibbs(Q)) exactly, with zero masses (the
+    masked path) and across chunks of states (KL_CHUNK_BYTES made small)."""
+    problem, states = lqr
+    mdp, state = problem.mdp, states[-1]
+    p = state.p.copy()
+    p[3, :5] = 0.0  # 0 log 0 = 0
+    plain = bellman.kl_divergence(mdp, p, bellman.log_gibbs(mdp, state.evaluation.Q)[0])
+    assert np.array_equal(diagnostics.kl_to_gibbs(mdp, p, state.g), plain)
+    assert np.array_equal(diagnostics.kl_to_gibbs(mdp, state.p, state.g, positive=True),
+                          bellman.kl_divergence(mdp, state.p, bellman.log_gibbs(mdp, state.evaluation.Q)[0]))
+    monkeypatch.setattr(budget, "KL_CHUNK_BYTES", 8 * mdp.n_actions * 4)  # chunks of 4 states
+    assert np.array_equal(diagnostics.kl_to_gibbs(mdp, p, state.g), plain)
+
+
+def test_ledger_bounds_from_parts_equal_apriori_bounds(lqr):
+    """The a-priori bounds made before the loop (at osc V = 0) and widened to the first state's osc V equal
+    regularity.apriori_bounds at that V bit for bit, also for a larger osc V (a non-monotone flow)."""
+    problem, states = lqr
+    gaussian = isinstance(problem.mdp.kernel, GaussianGridKernel)
+    led = ledger.Ledger(problem)
+    V0 = states[0].evaluation.V
+    for V in (V0, V0 - 3.0):
+        led._set_bounds(V)
+        direct = regularity.apriori_bounds(problem.model, problem.mdp, problem.optimum.V, V, gaussian)
+        for name in ("dQ", "d2Q", "oscQ", "osc_V"):
+            assert np.array_equal(getattr(led.bounds, name), getattr(direct, name), equal_nan=True), name
+        wider = led.bounds.at(led.bounds.osc_V + 1.0)
+        again = regularity.apriori_bounds(problem.model, problem.mdp, problem.optimum.V,
+                                          np.full_like(V, problem.optimum.V.max() - led.bounds.osc_V - 1.0), gaussian)
+        assert np.allclose(wider.d2Q, again.d2Q, rtol=1e-14) and np.allclose(wider.oscQ, again.oscQ, rtol=1e-14)
+
+
+def test_progress_eta_by_bisection_is_the_linear_scan():
+    """Progress.eta finds the last sample at or before half the elapsed time by bisection: the same sample as a
+    scan of the whole list."""
+    bar = Progress(10.0, gap_tol=1e-10, stream=io.StringIO())
+    bar._start = 0.0
+    rng = np.random.default_rng(0)
+    times = np.sort(rng.uniform(0, 10, 200))
+    bar._samples = [(float(w), float(w / 20)) for w in times]
+    for now in (0.5, 3.3, 7.0, 9.99, 12.0):
+        half = 0.5 * now
+        past = [s for s in bar._samples if s[0] <= half]
+        progress = 0.9 * now / 20
+        expected = None if not past else ((1 - progress) / ((progress - past[-1][1]) / (now - past[-1][0]))
+                                          if progress > past[-1][1] else None)
+        assert bar.eta(now, progress) == expected
+
+
+def test_banded_deflated_gap_is_the_eigenvalue_and_a_lower_bound():
+    """2D meshes: the banded Cholesky + rank-one deflated Lanczos gap equals the dense eigenvalue lambda_2 of the
+    symmetrised generator to round-off; with a wrong null vector it is still <= lambda_2 (rank-one interlacing);
+    the band holds S exactly."""
+    space = rectangle_space((-2.0, -2.0), (2.0, 2.0), (8, 8))
+    b = space.coords
+    g = np.stack([-np.sum((b - c) ** 2, axis=1) / 0.6 + 0.3 * np.sin(3 * b[:, 0]) for c in (0.3, -0.8)])
+    diag, off = lsi.symmetrised_generator(space, g, 0.5)
+    log_pi = lsi.log_stationary(space, g)
+    bd = lsi.band(space)
+    assert np.array_equal(np.sort(bd.perm), np.arange(space.n_dofs)) and np.array_equal(bd.perm[bd.inv],
+                                                                                          np.arange(space.n_dofs))
+    j, k = space.edges[:, 0], space.edges[:, 1]
+    for s in range(2):
+        S = np.diag(diag[s])
+        S[j, k] = S[k, j] = off[s]
+        exact = sla.eigh(S, eigvals_only=True, subset_by_index=(1, 1))[0]
+        ab = np.zeros((bd.width + 1, space.n_dofs))
+        ab[bd.width, bd.inv] = diag[s]
+        ab[bd.row, bd.col] = off[s]
+        P = S[np.ix_(bd.perm, bd.perm)]
+        for d in range(bd.width + 1):  # upper band storage: ab[b - d, i + d] = P[i, i + d]
+            assert np.array_equal(ab[bd.width - d, d:], np.diagonal(P, d))
+        value, vector = lsi.deflated_gap(bd, diag[s], off[s], log_pi[s])
+        assert value == pytest.approx(exact, rel=1e-11)  # round-off of the band solves
+        assert np.linalg.norm(S @ vector - value * vector) <= 1e-8 * value
+        wrong = log_pi[s] + 0.5 * np.sin(7 * b[:, 1])  # not the null vector: the bound is lower, never higher
+        assert lsi.deflated_gap(bd, diag[s], off[s], wrong)[0] <= exact * (1 + 1e-12)
+    ell, vectors, recomputed = lsi.gap_lower_bounds(space, g, 0.5)
+    assert recomputed.all() and np.all(ell <= [lsi.chain_gap(lsi.log_stationary(space, row)[0], space.edges,
+                                                              lsi.log_conductances(space, row, 0.5)[0])[0]
+                                               for row in g])
+
+
+def test_log_bernoulli_and_minorant_groups():
+    """log B(x) = log(x / (e^x - 1)) by one formula for both signs (and -x/2 below 1e-8); the convex minorant is
+    the same in groups of MINORANT_ROWS densities as one at a time, convex and below f."""
+    x = np.array([-30.0, -2.0, -1e-7, -1e-9, 0.0, 1e-9, 1e-7, 0.5, 3.0, 40.0, 800.0, -800.0])
+    direct = np.array([math.log(v / math.expm1(v)) if abs(v) >= 1e-8 and abs(v) < 700 else math.nan for v in x])
+    got = lsi.log_bernoulli(x)
+    finite = np.isfinite(direct)
+    # B itself to 1e-14 relative (log B to 1e-14 absolute: log|x| - log expm1|x| cancels at small |x|; the former
+    # log1p(-exp(-|x|)) lost 1e-9 at |x| = 1e-7)
+    assert np.allclose(got[finite], direct[finite], rtol=1e-13, atol=1e-14)
+    assert np.array_equal(got[np.abs(x) < 1e-8], -0.5 * x[np.abs(x) < 1e-8])
+    assert got[-2] == pytest.approx(math.log(800.0) - 800.0, rel=1e-15) and got[-1] == pytest.approx(math.log(800.0))
+    rng = np.random.default_rng(2)
+    a = np.linspace(-3.0, 3.0, 41)
+    f = rng.normal(size=(9, a.size)).cumsum(axis=1) + a ** 2
+    together = lsi._convex_minorant_1d(a, f)
+    single = np.concatenate([lsi._convex_minorant_1d(a, f[i:i + 1]) for i in range(9)])
+    assert np.array_equal(together, single)
+    assert np.all(together <= f + 1e-12) and np.all(np.diff(together, 2, axis=1) / np.diff(a)[0] >= -1e-9)
+
+
+def test_state_constants_middle_level_keeps_the_minimum(lqr):
+    """The branch and bound's middle level (the split at the previous step alone) prunes states, never the
+    minimum: min C_lo and the informative flags equal those of refining every state with its three steps."""
+    problem, states = lqr
+    mdp = problem.mdp
+    first = state_constants(mdp, states[0].evaluation.Q, "sg", g=states[0].g)
+    around = np.where(first.kappa_step >= 0, first.kappa_step, 3)
+    state = states[-1]
+    sc = state_constants(mdp, state.evaluation.Q, "sg", g=state.g, around=around)
+    full, _, _ = lsi.many_lower_bounds(mdp.space, state.g, None, around)
+    assert sc.C_lo.min() == pytest.approx(full.min(), rel=1e-12)
+    assert np.all(sc.C_lo <= full * (1 + 1e-12))  # every value a lower bound of the full one
+    assert np.array_equal(sc.informative, full >= 1e-6 * sc.ell / mdp.tau)
+    cold = state_constants(mdp, state.evaluation.Q, "sg", g=state.g)  # no warm start: every step at full refinement
+    every, _, _ = lsi.many_lower_bounds(mdp.space, state.g)
+    assert cold.C_lo.min() == pytest.approx(every.min(), rel=1e-12) and np.all(cold.C_lo <= every * (1 + 1e-12))
