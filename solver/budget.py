@@ -6,12 +6,12 @@ This module imports nothing from the package, so every layer can use it.
 Memory of a WPG run on a 2D state grid (:func:`memory_estimate`; an upper bound of the measured peak, tested in
 ``tests/test_memory.py``)::
 
-    176 MiB + 8 N M (13 + [Lx + Ly if stored]) + 12 N bx by + 192 MiB
+    176 MiB + 8 N M (14 + [Lx + Ly if stored]) + 12 N bx by + 192 MiB
 
-with ``13`` policy-sized arrays alive at the peak (:data:`POLICY_ARRAYS`), ``bx, by`` the per-state bands of
+with ``14`` policy-sized arrays alive at the peak (:data:`POLICY_ARRAYS`), ``bx, by`` the per-state bands of
 ``P^pi`` (``L`` plus the spread of the next-state means over the actions, in grid steps), two 64 MiB chunk
 workspaces and the snapshots' 64 MiB. 101 x 101 states x 1013 action DOFs with ``sigma / h = 2.5`` (``L = 47``,
-band 57): 1.73 GiB by the formula (``benchmarks/bench_memory.py`` prints the measured peak; README "2D state
+band 57): 1.81 GiB by the formula (``benchmarks/bench_memory.py`` prints the measured peak; README "2D state
 grids").
 """
 
@@ -44,8 +44,9 @@ SNAPSHOT_BYTES = 64 * MIB
 #: Arrays of ``N x M`` doubles alive at the peak of a WPG step, counted while a new policy is evaluated: the
 #: reward, the next-state means (2 for a 2D grid), the window starts (two int32), ``pi*`` and ``Q*`` (6); the
 #: previous flow state, kept until the new one is valid (``p``, ``Q``, ``g``: 3); the new masses and policy (2);
-#: in policy evaluation the masses and the new ``Q`` (2). Chunk temporaries are in :data:`KERNEL_CHUNK_BYTES`.
-POLICY_ARRAYS = 13
+#: in policy evaluation the masses and the new ``Q`` (2); the policy where the gap entered the rate-fit window
+#: (:class:`solver.modes.WindowStart`, 1). Chunk temporaries are in :data:`KERNEL_CHUNK_BYTES`.
+POLICY_ARRAYS = 14
 
 #: Interpreter, numpy/scipy/DOLFINx/matplotlib, the action mesh and the plots, bytes (a whole run on 3 x 3
 #: states peaks at 170 MiB).
