@@ -79,6 +79,13 @@ class ActionSpace:
         return self.dim == 1 and e.shape[0] == self.n_dofs - 1 and bool(
             np.all(e[:, 0] == np.arange(e.shape[0])) and np.all(e[:, 1] == e[:, 0] + 1))
 
+    @cached_property
+    def incidences(self) -> tuple[sp.csr_matrix, sp.csr_matrix]:
+        """``(E, M)`` 0/1 matrices with a one at ``(e, edges[e, 0])``, resp. ``(e, edges[e, 1])``: ``x @ S`` sums
+        edge values ``(n, E)`` into their start, resp. end, nodes. Built once per space."""
+        e, m = self.edges.shape[0], self.n_dofs
+        return tuple(sp.csr_matrix((np.ones(e), (np.arange(e), self.edges[:, c])), shape=(e, m)) for c in (0, 1))
+
     @property
     def volume(self) -> float:
         return float(self.weights.sum())

@@ -906,25 +906,8 @@ def symmetrised_generator(space: ActionSpace, g: np.ndarray, tau: float,
         diag[:, :-1] = out_j
         diag[:, 1:] += out_k
         return diag, off
-    inc_j, inc_k = _incidences(space)
+    inc_j, inc_k = space.incidences
     return out_j @ inc_j + out_k @ inc_k, off
-
-
-def _incidence(nodes: np.ndarray, m: int) -> sp.csr_matrix:
-    return sp.csr_matrix((np.ones(nodes.size), (np.arange(nodes.size), nodes)), shape=(nodes.size, m))
-
-
-_INCIDENCES: dict[int, tuple] = {}
-
-
-def _incidences(space: ActionSpace) -> tuple[sp.csr_matrix, sp.csr_matrix]:
-    """The edge-start and edge-end incidence matrices ``(E, M)`` of ``space`` (cached per action space object)."""
-    entry = _INCIDENCES.get(id(space))
-    if entry is None or entry[0] is not space:
-        m = space.n_dofs
-        entry = (space, _incidence(space.edges[:, 0], m), _incidence(space.edges[:, 1], m))
-        _INCIDENCES[id(space)] = entry
-    return entry[1], entry[2]
 
 
 #: The 2D gap solve factorises in band storage (reverse Cuthill-McKee order) while ``bandwidth^2 M`` is at most
@@ -1081,7 +1064,7 @@ def gap_lower_bounds(space: ActionSpace, g: np.ndarray, tau: float, scheme: str 
     elif not chain and reference is not None:
         d_ref, o_ref, ell_ref = reference
         d_off = np.abs(off - o_ref)
-        inc_j, inc_k = _incidences(space)
+        inc_j, inc_k = space.incidences
         rows = np.abs(diag - d_ref) + d_off @ inc_j + d_off @ inc_k
         weyl = ell_ref - rows.max(axis=1)
         accept = np.isfinite(weyl) & (weyl >= (1.0 - WEYL_LOSS) * ell_ref)

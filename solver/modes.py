@@ -48,7 +48,7 @@ from . import bellman, budget
 from .diagnostics import RATE_WINDOW
 from .fem import ActionSpace, interval_space
 from .flows.base import FlowState, potential
-from .flows.fokker_planck import edge_rates, incidence
+from .flows.fokker_planck import edge_rates
 from .mdp import MDP
 from .observers import Observer
 
@@ -103,7 +103,8 @@ def symmetric_generator(space: ActionSpace, g: np.ndarray, tau: float, scheme: s
     j, k = space.edges[:, 0], space.edges[:, 1]
     w = space.weights
     coupling = -np.sqrt(fwd * bwd) / np.sqrt(w[j] * w[k])
-    diag = fwd @ incidence(j, space.n_dofs) / w + bwd @ incidence(k, space.n_dofs) / w
+    inc_j, inc_k = space.incidences
+    diag = fwd @ inc_j / w + bwd @ inc_k / w
     return diag, coupling
 
 

@@ -213,8 +213,8 @@ def _thomas_chain(fwd, bwd, dt_w, masses, new, work):
 
 def _column_sums(space: ActionSpace, out_j: np.ndarray, out_k: np.ndarray) -> np.ndarray:
     """``1 + dt sum of the rates leaving each DOF``: the diagonal of ``I - dt L``, ``(N, M)``."""
-    m = space.n_dofs
-    return 1.0 + out_j @ incidence(space.edges[:, 0], m) + out_k @ incidence(space.edges[:, 1], m)
+    inc_j, inc_k = space.incidences
+    return 1.0 + out_j @ inc_j + out_k @ inc_k
 
 
 def _banded_solve(space: ActionSpace, masses: np.ndarray, out_j: np.ndarray, out_k: np.ndarray) -> np.ndarray:
@@ -301,11 +301,6 @@ def _sparse_solve(space: ActionSpace, masses: np.ndarray, out_j: np.ndarray, out
         lu = spla.splu(A, permc_spec="NATURAL", diag_pivot_thresh=0.0, options={"SymmetricMode": True})
         new[chunk] = lu.solve(rhs[chunk].ravel()).reshape(c, m)
     return new[:, pat.perm]
-
-
-def incidence(nodes: np.ndarray, m: int) -> sp.csr_matrix:
-    """``(E, M)`` 0/1 matrix with a one at ``(e, nodes[e])``: ``x @ S`` sums edge values into nodes."""
-    return sp.csr_matrix((np.ones(nodes.size), (np.arange(nodes.size), nodes)), shape=(nodes.size, m))
 
 
 def dissipation(mdp: MDP, p: np.ndarray, g: np.ndarray, scheme: str = "sg",
@@ -429,7 +424,8 @@ def uniformise(space: ActionSpace, g: np.ndarray, tau: float, scheme: str = "sg"
     w = space.weights
     up, down = fwd / w[j], bwd / w[k]  # (n, E): rates per unit mass, j -> k and k -> j
     n, m = g.shape
-    exit_rate = up @ incidence(j, m) + down @ incidence(k, m)
+    inc_j, inc_k = space.incidences
+    exit_rate = up @ inc_j + down @ inc_k
     lam = float(exit_rate.max()) if exit_rate.size else 0.0
     lam = lam if lam > 0 else 1.0
     stay = 1.0 - exit_rate / lam  # in [0, 1]: exit_rate <= lam
