@@ -584,9 +584,9 @@ def rate_summary(problem, p: np.ndarray | None, flow, fit, ell: np.ndarray | Non
     report_end = analyse(mdp, problem.optimum, p, scheme, gap=gap, ell_star=ell)
     prediction = None
     if report_end.linear:
-        at_end = mode_mixture(report_end, flow, math.inf, np.zeros(0), np.zeros(0))
-        prediction = ModalPrediction(at_end.rates, at_end.terms_end, (math.nan, math.nan), at_end.rate,
-                                     fit.local_last if fit else None, report_end.linear_ratio)
+        # instantaneous (span (inf, inf)), compared with the last local rate
+        prediction = replace(mode_mixture(report_end, flow, math.inf, np.zeros(0), np.zeros(0)),
+                             measured=fit.local_last if fit else None)
         if fit is not None and history is not None and start is not None and start.p is not None:
             report0 = analyse(mdp, problem.optimum, start.p, scheme, gap=start.gap, ell_star=ell)
             if report0.linear:  # the modes at the window start predict the whole fitted span
