@@ -37,7 +37,7 @@ class Evaluation:
         resolvent: solver of ``I - gamma P^pi`` (:class:`Resolvent`), reused for the adjoint (occupancy) solves.
         log_p: ``(N, M)`` ``log max(p, tiny)`` of the evaluated policy (``tiny`` the smallest normal double),
             computed once for the entropy of ``r^pi`` and kept for the consumers of the same policy (the
-            dissipation of the step, :meth:`kl_gibbs`) on serial runs while it is at most
+            dissipation of the step) on serial runs while it is at most
             :data:`solver.budget.KL_CHUNK_BYTES`; None otherwise (they recompute it).
     """
 
@@ -45,28 +45,6 @@ class Evaluation:
     Q: np.ndarray
     resolvent: "Resolvent"
     log_p: np.ndarray | None = None
-
-    def kl_gibbs(self, mdp: MDP, p: np.ndarray, g: np.ndarray | None = None) -> np.ndarray:
-        """``KL(pi_s || G^pi_s)`` per state ``(N,)`` for the evaluated policy ``p``, ``G^pi`` the Gibbs policy of
-        :attr:`Q` (the diagnostics row's column ``kl_gibbs_max``, ``tau`` times the Bellman residual).
-
-        ``log G = g - log Z`` with ``g = Q / tau + log mu`` (the flow's potential, passed as ``g`` when the caller
-        has it) and ``log Z_i = log sum_j w_j exp(g_ij)``, both shifted by ``max_j g_ij`` (so that the
-        cancellation in ``log p - log G`` is that of :func:`log_gibbs`), and
-        ``KL_i = sum_j w_j p_ij (log p_ij - log G_ij)``: one exponential per entry and the kept
-        :attr:`log_p` (no logarithm of ``p``), one BLAS thread (:func:`weigh`). The same value as
-        ``kl_divergence(mdp, p, log_gibbs(mdp, Q)[0])`` to round-off (tests/test_fast_paths.py);
-        ``0 log 0 = 0`` through :func:`policy_log`'s floor.
-        """
-        if g is None:
-            g = gibbs_potential(mdp, self.Q)
-        log_p = policy_log(p) if self.log_p is None else self.log_p
-        shifted = g - g.max(axis=1, keepdims=True)  # log G = shifted - log sum_j w_j exp(shifted): as log_gibbs
-        log_sum = np.log(weigh(np.exp(shifted), mdp.weights))
-        integrand = log_p - shifted
-        integrand += log_sum[:, None]
-        integrand *= p
-        return weigh(integrand, mdp.weights)
 
     def resolvent_adjoint(self, rho: np.ndarray) -> np.ndarray:
         """``x = (I - gamma P^pi)^{-T} rho``, so that ``rho^T (I - gamma P^pi)^{-1} D = x . D``.
@@ -370,13 +348,6 @@ def policy_log(p: np.ndarray) -> np.ndarray:
     """``log max(p, tiny)`` (``tiny`` the smallest normal double): the logarithm of a density with
     ``p log p = 0`` at ``p = 0`` (``0 * log tiny = 0``), shared by the entropy and the dissipation."""
     return np.log(np.maximum(p, np.finfo(float).tiny))
-
-
-def gibbs_potential(mdp: MDP, Q: np.ndarray) -> np.ndarray:
-    """``g = Q / tau + log mu`` ``(N, M)``, the log of the unnormalised Gibbs density (the flow's potential)."""
-    g = Q / mdp.tau
-    g += mdp.log_mu
-    return g
 
 
 def kl_divergence(mdp: MDP, p: np.ndarray, log_q: np.ndarray, log_p: np.ndarray | None = None) -> np.ndarray:

@@ -269,11 +269,11 @@ def test_kept_log_p_gives_the_same_entropy_dissipation_and_kl(small_well):
     np.testing.assert_array_equal(fokker_planck.dissipation(small_well, p, g, "sg", rates, ev.log_p),
                                   fokker_planck.dissipation(small_well, p, g, "sg", rates))
     reference = bellman.kl_divergence(small_well, p, bellman.log_gibbs(small_well, ev.Q)[0])
-    # the same shifted logarithms, grouped differently: round-off of log p - log G (|log p| <= ~40 here)
-    np.testing.assert_allclose(ev.kl_gibbs(small_well, p, g), reference, rtol=0, atol=1e-14)
-    np.testing.assert_allclose(ev.kl_gibbs(small_well, p), reference, rtol=0, atol=1e-14)
+    # the history row's KL from the flow's potential g (round-off of log p - log G; |log p| <= ~40 here)
+    np.testing.assert_allclose(diagnostics.kl_to_gibbs(small_well, p, g), reference, rtol=0, atol=1e-14)
     opt = bellman.soft_policy_iteration(small_well)  # at the Gibbs fixed point KL = 0: no cancellation blow-up
-    assert np.abs(bellman.evaluate(small_well, opt.p).kl_gibbs(small_well, opt.p)).max() <= 1e-15
+    g_star = flows.potential(small_well, bellman.evaluate(small_well, opt.p).Q)
+    assert np.abs(diagnostics.kl_to_gibbs(small_well, opt.p, g_star)).max() <= 1e-15
 
 
 def test_branch_free_sg_rates_equal_the_selected_ones(small_well):
