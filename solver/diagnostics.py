@@ -30,7 +30,7 @@ import scipy.sparse.linalg as spla
 
 from . import budget
 from .flows.base import Flow, FlowState, potential
-from .flows.fokker_planck import edge_rates
+from .flows.fokker_planck import symmetric_generator
 from .mdp import MDP
 
 HISTORY_COLUMNS = ("t", "dt", "J", "gap", "dissipation", "kl_gibbs_max", "mass_error", "min_density",
@@ -275,13 +275,8 @@ def generator_gaps(mdp: MDP, Q: np.ndarray, scheme: str = "sg") -> np.ndarray:
 
 def _gaps(space, g: np.ndarray, tau: float, scheme: str) -> np.ndarray:
     """:func:`generator_gaps` for the potentials ``g`` ``(n, M)`` of a chunk of states."""
-    fwd, bwd = edge_rates(space, g, tau, scheme)
+    diag, coupling = symmetric_generator(space, g, tau, scheme)
     j, k = space.edges[:, 0], space.edges[:, 1]
-    w = space.weights
-    # symmetric coupling: fwd * exp(-dg/2) = bwd * exp(dg/2) = sqrt(fwd * bwd)
-    coupling = -np.sqrt(fwd * bwd) / np.sqrt(w[j] * w[k])
-    inc_j, inc_k = space.incidences
-    diag = fwd @ inc_j / w + bwd @ inc_k / w
     if space.dim == 1 and space.bandwidth == 1:
         order = np.argsort(j)
         return np.array([sla.eigh_tridiagonal(d, c[order], select="i", select_range=(1, 1),

@@ -48,7 +48,7 @@ from . import bellman, budget
 from .diagnostics import RATE_WINDOW
 from .fem import ActionSpace, interval_space
 from .flows.base import FlowState, potential
-from .flows.fokker_planck import edge_rates
+from .flows.fokker_planck import symmetric_generator
 from .mdp import MDP
 from .observers import Observer
 
@@ -87,30 +87,10 @@ DENSE_MODE_DOFS = 200
 LINEAR_TOLERANCE = 0.5
 
 
-def symmetric_generator(space: ActionSpace, g: np.ndarray, tau: float, scheme: str = "sg"
-                        ) -> tuple[np.ndarray, np.ndarray]:
-    """The symmetrised frozen generator ``S = G^{-1/2} (-L) G^{1/2}`` of a chunk of states.
-
-    Args:
-        g: ``(n, M)`` log Gibbs potentials (:func:`solver.flows.base.potential`).
-
-    Returns:
-        ``(diag, coupling)``: ``(n, M)`` diagonal (total exit rate of each DOF) and ``(n, E)`` off-diagonal
-        ``S_jk = S_kj = -sqrt(fwd bwd) / sqrt(w_j w_k)`` on the edges ``(j, k)`` of ``space``; ``S`` is
-        symmetric positive semi-definite with the kernel ``sqrt(G)``.
-    """
-    fwd, bwd = edge_rates(space, g, tau, scheme)
-    j, k = space.edges[:, 0], space.edges[:, 1]
-    w = space.weights
-    coupling = -np.sqrt(fwd * bwd) / np.sqrt(w[j] * w[k])
-    inc_j, inc_k = space.incidences
-    diag = fwd @ inc_j / w + bwd @ inc_k / w
-    return diag, coupling
-
-
 def state_modes(space: ActionSpace, diag: np.ndarray, coupling: np.ndarray, count: int
                 ) -> tuple[np.ndarray, np.ndarray]:
-    """The ``count + 1`` smallest eigenpairs of one state's ``S`` (:func:`symmetric_generator`).
+    """The ``count + 1`` smallest eigenpairs of one state's ``S``
+    (:func:`solver.flows.fokker_planck.symmetric_generator`).
 
     Tridiagonal ``eigh`` for a 1D chain, dense ``eigh`` up to :data:`DENSE_MODE_DOFS` DOFs, shift-invert Lanczos
     (one sparse LU of ``S - shift``, ``shift`` just below 0) above.

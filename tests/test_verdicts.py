@@ -16,6 +16,7 @@ from scipy.special import ndtr
 
 from solver import config as config_module, diagnostics, modes, runner, study
 from solver.fem import interval_space
+from solver.flows import fokker_planck
 
 
 def exponential_gaps(rates, amplitudes, dt=0.01, t_end=40.0, floor=1e-11):
@@ -258,7 +259,7 @@ def test_sparse_modes_agree_with_dense_eigh():
     assert space.n_dofs > modes.DENSE_MODE_DOFS
     x, y = space.coords[:, 0], space.coords[:, 1]
     g = (-(x - 0.2) ** 2 - 2 * y ** 2 + 0.3 * x * y)[None, :] / 0.3
-    diag, coupling = modes.symmetric_generator(space, g, 0.3)
+    diag, coupling = fokker_planck.symmetric_generator(space, g, 0.3)
     ell, vectors = modes.state_modes(space, diag[0], coupling[0], 4)
     S = np.diag(diag[0])
     j, k = space.edges[:, 0], space.edges[:, 1]

@@ -303,6 +303,27 @@ def _sparse_solve(space: ActionSpace, masses: np.ndarray, out_j: np.ndarray, out
     return new[:, pat.perm]
 
 
+def symmetric_generator(space: ActionSpace, g: np.ndarray, tau: float, scheme: str = "sg"
+                        ) -> tuple[np.ndarray, np.ndarray]:
+    """The symmetrised frozen generator ``S = G^{-1/2} (-L) G^{1/2}`` of a chunk of states.
+
+    Args:
+        g: ``(n, M)`` log Gibbs potentials (:func:`solver.flows.base.potential`).
+
+    Returns:
+        ``(diag, coupling)``: ``(n, M)`` diagonal (total exit rate of each DOF) and ``(n, E)`` off-diagonal
+        ``S_jk = S_kj = -sqrt(fwd bwd) / sqrt(w_j w_k)`` on the edges ``(j, k)`` of ``space``; ``S`` is
+        symmetric positive semi-definite with the kernel ``sqrt(G)``.
+    """
+    fwd, bwd = edge_rates(space, g, tau, scheme)
+    j, k = space.edges[:, 0], space.edges[:, 1]
+    w = space.weights
+    coupling = -np.sqrt(fwd * bwd) / np.sqrt(w[j] * w[k])
+    inc_j, inc_k = space.incidences
+    diag = fwd @ inc_j / w + bwd @ inc_k / w
+    return diag, coupling
+
+
 def dissipation(mdp: MDP, p: np.ndarray, g: np.ndarray, scheme: str = "sg",
                 rates: tuple[np.ndarray, np.ndarray] | None = None, log_p: np.ndarray | None = None) -> np.ndarray:
     """Discrete statewise dissipation ``D^h(s) = sum_edges F_jk (phi_k - phi_j) >= 0`` (theory.md §4).
