@@ -55,8 +55,7 @@ def build(config: Config, force_size: bool = False) -> Problem:
     preflight.preflight(config, model, force_size)
     states = state_grid(config, model)
     a = config.actions
-    space = fem.domain_space(a.domain, a.lower, a.upper, a.cells, a.resolution,
-                             a.radius if a.domain == "disk" else a.scale, a.center)
+    space = action_space(config)
     if model.action_dim == space.dim and (model.single_state or model.state_dim == states.ndim):
         actions = space.coords[None, :, :] if space.dim == 2 else space.coords[:, 0][None, :]
         models.check_outputs(model, config.mdp.model, states[:, None], actions)
@@ -83,6 +82,13 @@ def build(config: Config, force_size: bool = False) -> Problem:
                           f"{config.mdp.tau} ({' '.join(str(exc).split())[:120]}); allowed: a smaller mdp.gamma or "
                           "a larger mdp.tau for this reward") from None
     return Problem(config=config, model=model, mdp=mdp, optimum=optimum)
+
+
+def action_space(config: Config) -> fem.ActionSpace:
+    """The P1 action space of ``[actions]`` (:func:`solver.fem.domain_space`)."""
+    a = config.actions
+    return fem.domain_space(a.domain, a.lower, a.upper, a.cells, a.resolution,
+                            a.radius if a.domain == "disk" else a.scale, a.center)
 
 
 def initial_states(config: Config, states: np.ndarray) -> np.ndarray:

@@ -171,11 +171,9 @@ def domain_reach(cfg, model) -> list[float]:
     ~6e-5): the truncation the rate verdicts diagnose (``domain-sensitive``) is removed where ``rho`` lives. 1 if
     the base interval already does.
     """
-    from . import fem, modes, runner
+    from . import modes, runner
 
-    a = cfg.actions
-    space = fem.domain_space(a.domain, a.lower, a.upper, a.cells, a.resolution,
-                             a.radius if a.domain == "disk" else a.scale, a.center)
+    space = runner.action_space(cfg)
     states = runner.state_grid(cfg, model)
     means = np.asarray(modes.next_state_means(model, states, space), float)
     means = means.reshape(means.shape[0], means.shape[1], -1)
