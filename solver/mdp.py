@@ -351,13 +351,12 @@ class GaussianGridKernel:
         self._band = band
         self._band_cols = (lo[:, None] + np.arange(band)).ravel()
         local = cols - lo[:, None, None]
-        if values.size * band / width * 8 <= budget.DENSE_BAND_BYTES:
-            # Small problems (all of 1D): scatter the windows into a dense (N, M, band) array once; the
-            # contraction over actions is then one einsum instead of a scatter-add.
-            self._dense = np.zeros(mean.shape + (band,))
-            np.put_along_axis(self._dense, local, values, axis=-1)
-        else:
-            self._dense = None
+        # Small problems (all of 1D): the windows scattered into a dense (N, M, band) array once, on the first
+        # policy_matrix call (serial runs with InterpolatedPolicy never make one); the contraction over actions is
+        # then one einsum instead of a scatter-add.
+        self._local = local if values.size * band / width * 8 <= budget.DENSE_BAND_BYTES else None
+        self._dense = None
+        if self._local is None:
             self._scatter = (np.arange(mean.shape[0])[:, None, None] * band + local).ravel()
         self.interpolation = None
         if interpolate and n > 1 and width > INTERPOLATION_DEGREE + 1:
@@ -404,7 +403,10 @@ class GaussianGridKernel:
         n, band = self.shape[0], self._band
         rows = slice(0, n) if rows is None else rows
         nb = rows.stop - rows.start
-        if self._dense is not None:
+        if self._local is not None:
+            if self._dense is None:
+                self._dense = np.zeros(self.shape[:2] + (band,))
+                np.put_along_axis(self._dense, self._local, self._values, axis=-1)
             data = np.einsum("ij,ijb->ib", masses, self._dense[rows]).ravel()
         else:
             per_state = self.shape[1] * self.width
