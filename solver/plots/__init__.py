@@ -764,7 +764,7 @@ def plot_study(out: Path) -> Path:
     for n in range(len(quantities), nrows * cols):
         axes[n // cols, n % cols].axis("off")
     fig.suptitle(f"refinement study {Path(out).resolve().name}: change of each headline number from the base run "
-                 "(mesh: cells x2, dt: /2, domain: states x1.5 per level)")
+                 "(mesh: cells x2, dt: /2, domain: room for every next-state mean, then x1.5; settings in study.csv)")
     fig.tight_layout()
     return save_figure(fig, Path(out) / "study.png")
 # --- end wpgflow study ---
