@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from solver import budget, cli, mdp as mdp_module
+from solver import budget, cli, mdp as mdp_module, parallel
 from solver.fem import rectangle_space
 from solver.models import lqr
 
@@ -81,7 +81,7 @@ def main(argv=None):
     space = rectangle_space((-1.0, -1.0), (1.0, 1.0), (args.cells, args.cells))
     mdp = mdp_module.build_mdp(lqr(**PARAMS), states, space, 0.9, 0.5)
     n, m, (width, band, stored) = mdp.n_states, mdp.n_actions, (mdp.kernel.width, mdp.kernel.band, mdp.kernel.stored)
-    estimate = budget.memory_estimate(n, m, width, band, stored)
+    estimate = budget.memory_estimate(n, m, width, band, stored, parallel.compiled_available(n * m))
     del mdp
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:

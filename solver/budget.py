@@ -6,7 +6,7 @@ This module imports nothing from the package, so every layer can use it.
 Memory of a WPG run on a 2D state grid (:func:`memory_estimate`; an upper bound of the measured peak, tested in
 ``tests/test_memory.py``)::
 
-    176 MiB + 8 N M (14 + [Lx + Ly if stored]) + 12 N bx by + 192 MiB
+    176 MiB + 8 N M (14 + [Lx + Ly if stored]) + 12 N bx by + 192 MiB [+ 96 MiB for numba]
 
 with ``14`` policy-sized arrays alive at the peak (:data:`POLICY_ARRAYS`), ``bx, by`` the per-state bands of
 ``P^pi`` (``L`` plus the spread of the next-state means over the actions, in grid steps), two 64 MiB chunk
@@ -52,6 +52,10 @@ POLICY_ARRAYS = 14
 #: states peaks at 170 MiB).
 BASE_BYTES = 176 * MIB
 
+#: numba and its LLVM JIT once a compiled kernel is loaded (measured 86 MiB on Debian 12), counted where the run
+#: uses them (:func:`solver.parallel.compiled_available`; Debian 13's peak exceeded the formula by 21 MiB without it).
+COMPILED_BYTES = 96 * MIB
+
 
 def window_bytes(n_states: int, n_actions: int, lx: int, ly: int) -> int:
     """Bytes of the stored window values of a 2D-grid kernel: ``8 N M (Lx + Ly)``."""
@@ -59,13 +63,13 @@ def window_bytes(n_states: int, n_actions: int, lx: int, ly: int) -> int:
 
 
 def memory_estimate(n_states: int, n_actions: int, width: tuple[int, int], band: tuple[int, int],
-                    stored: bool) -> int:
+                    stored: bool, compiled: bool = False) -> int:
     """Peak memory of a WPG run on a 2D state grid, bytes: the formula of the module docstring.
 
     ``BASE + 8 N M (POLICY_ARRAYS + [Lx + Ly if the windows are stored]) + 12 N bx by + 3 x 64 MiB``:
     policy-sized arrays, the kernel's windows, one ``P^pi`` in CSR (a double and an int32 per non-zero; the runner
     frees the previous one before the next is built), the chunk workspaces of the kernel and of the flow step,
-    and the snapshots' policies.
+    and the snapshots' policies; ``compiled``: plus :data:`COMPILED_BYTES` (the run loads numba).
 
     >>> memory_estimate(1, 1, (1, 1), (1, 1), stored=False) // MIB
     368
@@ -73,7 +77,7 @@ def memory_estimate(n_states: int, n_actions: int, width: tuple[int, int], band:
     per_policy = 8 * n_states * n_actions
     windows = window_bytes(n_states, n_actions, *width) if stored else 0
     return (BASE_BYTES + POLICY_ARRAYS * per_policy + windows + 12 * n_states * band[0] * band[1]
-            + KERNEL_CHUNK_BYTES + SOLVE_CHUNK_BYTES + SNAPSHOT_BYTES)
+            + KERNEL_CHUNK_BYTES + SOLVE_CHUNK_BYTES + SNAPSHOT_BYTES + (COMPILED_BYTES if compiled else 0))
 
 
 def chunks(n: int, per_state_bytes: float, budget: int | None = None) -> list[slice]:

@@ -264,6 +264,16 @@ NUMBA_VARIABLE = "WPGFLOW_NUMBA"
 _COMPILED: dict = {}
 
 
+def compiled_available(entries: int) -> bool:
+    """Whether a run of ``entries`` (state, DOF) pairs will use the compiled kernels (and so import numba: its
+    memory, :data:`solver.budget.COMPILED_BYTES`): numba installed, not turned off, and at least
+    :data:`COMPILED_MIN_ENTRIES` pairs. Does not import numba."""
+    import importlib.util
+
+    return (entries >= COMPILED_MIN_ENTRIES and os.environ.get(NUMBA_VARIABLE, "1") != "0"
+            and importlib.util.find_spec("numba") is not None)
+
+
 def compiled(fn, signature: str):
     """``fn`` compiled by numba for ``signature`` (``njit``, eagerly, cached on disk next to the source), or None.
 

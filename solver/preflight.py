@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 
-from . import bellman, budget, fem, flows, models
+from . import bellman, budget, fem, flows, models, parallel
 from .config import Config, ConfigError, inspect_xdmf
 
 
@@ -60,6 +60,7 @@ def memory_needed(config: Config, model: models.Model) -> int:
     extra = (ROW_BYTES * min(projected_steps(config), 1e15) + 8 * (config.output.snapshots + 1) * n
              + (8 * m * m if m <= 600 else 0))
     extra += flows.lookup(config.flow.kind).extra_bytes(config.flow, n)  # e.g. the particles of each state
+    extra += budget.COMPILED_BYTES if parallel.compiled_available(n * m) else 0  # numba, where it runs
     if len(axes) == 2:
         stored = budget.window_bytes(n, m, *widths) <= budget.WINDOW_STORE_BYTES
         return int(budget.memory_estimate(n, m, widths, bands, stored) + extra)
