@@ -35,6 +35,7 @@ from .flows.fokker_planck import dissipation
 from .lsi import LOWER_METHODS, bracket, log_gibbs_row
 from .observers import Observer, Schedule
 from .outputs import RATES_COLUMNS, write_rates
+from .parallel import Partition
 
 #: Gaps below ``GAP_FLOOR * max(1, |J*|)`` are not tested (``holds`` NaN): there the round-off in ``J* - J``
 #: (~1e-13 |J|, theory.md §8.6) is no longer small against the gap. Nor are gaps below
@@ -217,23 +218,32 @@ class LocalRates(Observer):
     ``kappa = max_s d*(s) / d^pi(s)``, and :func:`state_constants` of ``Q^pi`` (one gap per state, ``log pi_*``, the
     closed-form continuum bounds).
 
+    Under MPI over states (``partition`` of more than one rank) it is *collective*: every rank has one and runs
+    the per-state work (gaps, constants, KL, ``D^h``) on its own states; the sums and minima over states are
+    reduced over the ranks, so every rank holds the same rows (rank 0 writes ``rates.csv``). The minima are those
+    of a serial check: each rank's branch and bound finds its own minimum exactly (:func:`state_constants`).
+
     Args:
         problem: a built :class:`solver.runner.Problem`.
         scheme: the flow scheme for ``D^h`` and the generator (default: the config's ``flow.scheme``).
         schedule: when to check (default: every flow state).
         out: run directory for ``rates.csv``, or None.
+        partition: the MPI partition of the states (default: serial).
     """
 
+    collective = True
+
     def __init__(self, problem, scheme: str | None = None, schedule: Schedule | None = None,
-                 out: Path | None = None):
+                 out: Path | None = None, partition: Partition | None = None):
         self.problem = problem
         self.schedule, self.out = schedule, out
+        self.partition = Partition(None, problem.mdp.n_states) if partition is None else partition
         self._last_t = None
         self.scheme = problem.config.flow.scheme if scheme is None else scheme
         self.d_star = occupancy(problem.mdp, bellman.evaluate(problem.mdp, problem.optimum.p))
         self.rows: list[tuple] = []
         self.vacuous: set[int] = set()
-        self._steps = None  # best kappa-split step per state at the last check (warm start)
+        self._steps = None  # best kappa-split step per own state at the last check (warm start)
         self.gaps = lsi.GapTracker(problem.mdp.space, problem.mdp.tau, self.scheme)  # certified ell_s, warm-started
 
     def observe(self, row: dict, state) -> None:
@@ -244,7 +254,7 @@ class LocalRates(Observer):
         state = result.final
         if state is not None and (self._last_t is None or self._last_t < state.t):
             self.check(state)
-        if self.out is not None and self.rows:
+        if self.out is not None and self.rows and self.partition.root:
             write_rates(self.out, self.result())
 
     def summary(self) -> dict:
@@ -266,15 +276,16 @@ class LocalRates(Observer):
         data = {"rows": np.array(self.rows, dtype=float).reshape(len(self.rows), len(RATES_COLUMNS)),
                 "vacuous": np.array(sorted(self.vacuous), dtype=np.int64),
                 "last_t": np.array(math.nan if self._last_t is None else self._last_t)}
+        gather = self.partition.gather  # collective under MPI: the warm starts are this rank's states
         if self._steps is not None:
-            data["steps"] = np.asarray(self._steps)
+            data["steps"] = gather(self._steps).astype(np.int64)
         for name in ("previous", "vectors"):
             value = getattr(self.gaps, name)
             if value is not None:
-                data[f"gaps_{name}"] = value
+                data[f"gaps_{name}"] = gather(value)
         if self.gaps.reference is not None:
             for name, value in zip(("diag", "off", "ell"), self.gaps.reference):
-                data[f"gaps_reference_{name}"] = value
+                data[f"gaps_reference_{name}"] = gather(value)
         return data
 
     def restore_state(self, data: dict) -> None:
@@ -283,42 +294,48 @@ class LocalRates(Observer):
         self.vacuous = {int(i) for i in np.asarray(data["vacuous"]).ravel()}
         last = float(data["last_t"])
         self._last_t = None if math.isnan(last) else last
+        own = self.partition.rows
         if "steps" in data:
-            self._steps = np.asarray(data["steps"], dtype=int)
+            self._steps = np.asarray(data["steps"], dtype=int)[own]
         for name in ("previous", "vectors"):
             if f"gaps_{name}" in data:
-                setattr(self.gaps, name, np.asarray(data[f"gaps_{name}"], dtype=float))
+                setattr(self.gaps, name, np.array(np.asarray(data[f"gaps_{name}"], dtype=float)[own]))
         if "gaps_reference_ell" in data:
-            self.gaps.reference = tuple(np.array(data[f"gaps_reference_{name}"], dtype=float)
+            self.gaps.reference = tuple(np.array(np.asarray(data[f"gaps_reference_{name}"], dtype=float)[own])
                                         for name in ("diag", "off", "ell"))
 
     def check(self, state) -> None:
         """Add the row of one flow state (its evaluation alive, or re-evaluated if it was released)."""
-        mdp, J_star, ev = self.problem.mdp, self.problem.J_star, state.evaluation
+        mdp, J_star, ev, part = self.problem.mdp, self.problem.J_star, state.evaluation, self.partition
+        own = part.rows  # this rank's states (all of them when serial)
         self._last_t = state.t
         if ev.resolvent.released:
-            ev = bellman.evaluate(mdp, state.p)
+            ev = bellman.evaluate(mdp, state.p, None if part.serial else part)
         x = ev.resolvent_adjoint(mdp.rho)
-        rate_J = float(x @ dissipation(mdp, state.p, state.g, self.scheme))
+        p, g = state.p[own], state.g[own]  # g: potential(Q)
         gap = J_star - float(mdp.rho @ ev.V)
         kappa = float(np.max(self.d_star / ((1.0 - mdp.gamma) * x)))
-        sc = state_constants(mdp, ev.Q, self.scheme, self.gaps(state.g), self._steps, state.g)  # g: potential(Q)
+        sc = state_constants(mdp, ev.Q[own], self.scheme, self.gaps(g), self._steps, g)
         previous = sc.kappa_step if self._steps is None else self._steps
         self._steps = np.where(sc.kappa_step >= 0, sc.kappa_step, previous)
-        C_h_lo = float(sc.rho_lo.min())
         # Delta_s = tau KL(pi_s || G^pi_s) (the Bellman residual); J* - J <= y . Delta with y = d* / (1 - gamma)
-        kl = diagnostics.kl_to_gibbs(mdp, state.p, state.g)  # the KL of the history row (g = potential(Q))
+        kl = diagnostics.kl_to_gibbs(mdp, p, g)  # the KL of the history row
         delta = mdp.tau * np.maximum(kl, 0.0)
-        y = self.d_star / (1.0 - mdp.gamma)
-        denominator = float(y @ delta)
-        certified = float(x @ (sc.rho_lo * delta)) / denominator if denominator > 0 else C_h_lo / kappa
+        y = self.d_star[own] / (1.0 - mdp.gamma)
+        rate_J, denominator, numerator = part.reduce(
+            [x[own] @ dissipation(mdp, p, g, self.scheme), y @ delta, x[own] @ (sc.rho_lo * delta)], "sum")
+        informative = sc.C_lo[sc.informative]
+        low_h, low, mass_error, q_max = part.reduce(  # minima as maxima of negatives: one reduction
+            [-sc.rho_lo.min(), -informative.min() if informative.size else -math.inf,
+             np.max(np.abs(p @ mdp.weights - 1.0)), np.max(np.abs(ev.Q[own]))], "max")
+        C_h_lo = float(-low_h)
+        certified = float(numerator) / denominator if denominator > 0 else C_h_lo / kappa
         certified = max(certified, C_h_lo / kappa)  # equal or larger in exact arithmetic (module docstring)
-        self.vacuous.update(int(i) for i in np.flatnonzero(~sc.informative))
-        C_lo = float(sc.C_lo[sc.informative].min()) if sc.informative.any() else math.nan
+        self.vacuous.update(int(i) for i in part.owned(np.flatnonzero(~sc.informative)))
+        C_lo = float(-low) if math.isfinite(low) else math.nan
         continuum = 2.0 * mdp.tau * C_lo / kappa
-        mass_error = float(np.max(np.abs(state.p @ mdp.weights - 1.0)))
         floor = max(GAP_FLOOR * max(1.0, abs(J_star)),
-                    MASS_FLOOR * float(np.max(np.abs(ev.Q))) * mass_error / (1.0 - mdp.gamma))
+                    MASS_FLOOR * float(q_max) * float(mass_error) / (1.0 - mdp.gamma))
         tested = gap > floor
         r = rate_J / gap if tested else math.nan
         nan = math.nan

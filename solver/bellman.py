@@ -37,8 +37,8 @@ class Evaluation:
         resolvent: solver of ``I - gamma P^pi`` (:class:`Resolvent`), reused for the adjoint (occupancy) solves.
         log_p: ``(N, M)`` ``log max(p, tiny)`` of the evaluated policy (``tiny`` the smallest normal double),
             computed once for the entropy of ``r^pi`` and kept for the consumers of the same policy (the
-            dissipation of the step) on serial runs while it is at most
-            :data:`solver.budget.KL_CHUNK_BYTES`; None otherwise (they recompute it).
+            dissipation of the step) while it is at most :data:`solver.budget.KL_CHUNK_BYTES`; None otherwise
+            (they recompute it). Under MPI it holds this rank's rows only (``partition.rows``).
     """
 
     V: np.ndarray
@@ -267,16 +267,16 @@ def evaluate(mdp: MDP, p: np.ndarray, partition=None) -> Evaluation:
     on 2D state grids above :data:`DENSE_STATES` states (GMRES when serial), where ``I - gamma P^pi`` is solved
     distributed (:class:`DistributedResolvent`, PETSc) and only ``V`` is gathered.
     Serial 1D grids where the kernel built it: ``P^pi`` dense by interpolation over a grid of means
-    (:meth:`solver.mdp.GaussianGridKernel.dense_policy_matrix`, within 1e-12 of the windowed one; the MPI row
-    blocks keep the windowed product). One state (serial): ``P^pi = sum_j m_j`` and
+    (:meth:`solver.mdp.GaussianGridKernel.dense_policy_matrix`, within 1e-12 of the windowed one; under MPI
+    each rank builds its dense rows and they are gathered). One state (serial): ``P^pi = sum_j m_j`` and
     ``V = r^pi / (1 - gamma P^pi)`` without building a matrix (:meth:`Resolvent.one_state`; the same numbers as
     the ``1 x 1`` LU, tests/test_fast_paths.py).
     """
     rows = slice(None) if partition is None else partition.rows
     local = p[rows]
     masses = local * mdp.weights
-    # log p kept for the consumers of this policy (serial, small enough); the same entropy bit for bit for p > 0
-    log_p = policy_log(local) if partition is None and 8 * local.size <= budget.KL_CHUNK_BYTES else None
+    # log p kept for the consumers of this policy (small enough); the same entropy bit for bit for p > 0
+    log_p = policy_log(local) if 8 * local.size <= budget.KL_CHUNK_BYTES else None
     r_pi = np.einsum("ij,ij->i", masses, mdp.reward[rows]) - mdp.tau * kl_divergence(mdp, local, mdp.log_mu, log_p)
     if partition is None and mdp.n_states == 1:  # P^pi = sum_j m_j T_j11 = sum_j m_j (the one state's kernel is 1)
         resolvent = Resolvent.one_state(float(masses.sum()), mdp.gamma)
@@ -287,16 +287,18 @@ def evaluate(mdp: MDP, p: np.ndarray, partition=None) -> Evaluation:
         resolvent = Resolvent(mdp.kernel.policy_matrix(masses) if P is None else P, mdp.gamma)
         V = resolvent.solve(r_pi)
         return Evaluation(V=V, Q=q_values(mdp, V), resolvent=resolvent, log_p=log_p)
-    block = mdp.kernel.policy_matrix(masses, rows)
-    if mdp.states.ndim == 2 and mdp.n_states > DENSE_STATES:  # serially GMRES: distributed instead of replicated
-        resolvent = DistributedResolvent(block, mdp.gamma, partition, mdp.rho)
+    dense = mdp.kernel.dense_policy_matrix(masses, rows)
+    if dense is not None:  # this rank's dense rows of the interpolated P^pi, gathered (N x N doubles)
+        resolvent = Resolvent(partition.gather(dense), mdp.gamma)
+        V = resolvent.solve(partition.gather(r_pi))
+    elif mdp.states.ndim == 2 and mdp.n_states > DENSE_STATES:  # serially GMRES: distributed instead of replicated
+        resolvent = DistributedResolvent(mdp.kernel.policy_matrix(masses, rows), mdp.gamma, partition, mdp.rho)
         V = partition.gather(resolvent.solve_local(r_pi))
-        Q = partition.gather(mdp.reward[rows] + mdp.gamma * mdp.kernel.expect(V, rows))
-        return Evaluation(V=V, Q=Q, resolvent=resolvent)
-    resolvent = Resolvent(partition.gather_csr(block), mdp.gamma)
-    V = resolvent.solve(partition.gather(r_pi))
+    else:
+        resolvent = Resolvent(partition.gather_csr(mdp.kernel.policy_matrix(masses, rows)), mdp.gamma)
+        V = resolvent.solve(partition.gather(r_pi))
     Q = partition.gather(mdp.reward[rows] + mdp.gamma * mdp.kernel.expect(V, rows))
-    return Evaluation(V=V, Q=Q, resolvent=resolvent)
+    return Evaluation(V=V, Q=Q, resolvent=resolvent, log_p=log_p)
 
 
 def q_values(mdp: MDP, V: np.ndarray) -> np.ndarray:

@@ -93,12 +93,13 @@ class Checkpointer:
         self.out, self.cfg, self.flow, self.observers, self.root = out, cfg, flow, observers, root
 
     def __call__(self, state: flows.FlowState) -> None:
-        data = self.flow.checkpoint()  # collective under MPI
+        data = self.flow.checkpoint()  # collective under MPI, and so are the collective observers' states
+        observed = [o.checkpoint_state() for o in self.observers]
         if not self.root:
             return
         arrays = {"p": state.p, **{f"flow.{k}": np.asarray(v) for k, v in data.items()}}
-        for i, o in enumerate(self.observers):
-            arrays |= {f"observer{i}.{k}": np.asarray(v) for k, v in o.checkpoint_state().items()}
+        for i, o in enumerate(observed):
+            arrays |= {f"observer{i}.{k}": np.asarray(v) for k, v in o.items()}
         meta = {"step": state.step, "t": state.t, "dt": state.dt, "rejected": state.rejected,
                 "kind": self.flow.kind, "wpgflow": __version__, "config": self.cfg.to_dict()}
         outputs.write_checkpoint(self.out, arrays, meta)

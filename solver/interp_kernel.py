@@ -84,7 +84,7 @@ class InterpolationKernel:
             self._block = ((rows.start, rows.stop), self.matrix[rows.start * m:rows.stop * m])
         return (self._block[1] @ V).reshape(-1, m)
 
-    def dense_policy_matrix(self, masses: np.ndarray) -> None:
+    def dense_policy_matrix(self, masses: np.ndarray, rows: slice | None = None) -> None:
         """No dense fast path for interpolation weights: use :meth:`policy_matrix`."""
         return None
 

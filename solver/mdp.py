@@ -276,7 +276,8 @@ class InterpolatedPolicy:
         g = interp.fine.shape[0]
         self.error = interp.error
         self.shape = (n, n)
-        self._g = g
+        self._g, self._m = g, m
+        self._row_blocks: dict[tuple[int, int], sp.csr_matrix] = {}  # this rank's diagonal block of S (MPI)
         state = W.row // m
         self._histogram = sp.csr_matrix((W.data, (state * g + W.col, W.row)), shape=(n * g, n * m))
         nodes = int(interp.weights.indptr[1])  # p + 1 per row
@@ -298,19 +299,33 @@ class InterpolatedPolicy:
             self._blocks.append((a, b, g0, g1, c0, c1))
         self.flops = sum((b - a) * (g1 - g0) * (c1 - c0) for a, b, g0, g1, c0, c1 in self._blocks)
 
-    def __call__(self, masses: np.ndarray) -> np.ndarray:
-        """``P^pi`` for the masses ``(N, M)``, a dense ``(N, N)`` array (entrywise >= 0)."""
-        n = self.shape[0]
+    def __call__(self, masses: np.ndarray, rows: slice | None = None) -> np.ndarray:
+        """``P^pi`` for the masses ``(N, M)``, a dense ``(N, N)`` array (entrywise >= 0).
+
+        With ``rows`` (a slice of states; MPI over states), ``masses`` holds those rows only and the result is the
+        dense ``(rows, N)`` block, each row computed by the same operations as in the whole matrix.
+        """
+        n, m, g = self.shape[0], self._m, self._g
+        a0, b0 = (0, n) if rows is None else (rows.start, rows.stop)
         spread = None if self._compiled is None else compiled(_histogram, HISTOGRAM_SIGNATURE)
         if spread is None:
-            H = (self._histogram @ masses.ravel()).reshape(n, self._g)
+            S = self._histogram
+            if b0 - a0 < n:  # state i's histogram row only reads state i's masses: the diagonal block of S
+                S = self._row_blocks.get((a0, b0))
+                if S is None:
+                    S = self._histogram[a0 * g:b0 * g, a0 * m:b0 * m]
+                    self._row_blocks = {(a0, b0): S}
+            H = (S @ masses.ravel()).reshape(b0 - a0, g)
         else:  # the same sums in the same order (j increasing) as the CSR product: the same H bit for bit
-            H = np.zeros((n, self._g))
-            spread(np.ascontiguousarray(masses), *self._compiled, H)
-        P = np.zeros(self.shape)
+            H = np.zeros((b0 - a0, g))
+            first, lagrange = self._compiled
+            spread(np.ascontiguousarray(masses), first[a0 * m:b0 * m], lagrange[a0 * m:b0 * m], H)
+        P = np.zeros((b0 - a0, n))
         with single_threaded_blas(n):  # small products: one BLAS thread (parallel.SMALL_BLAS_ROWS)
             for a, b, g0, g1, c0, c1 in self._blocks:
-                P[a:b, c0:c1] = H[a:b, g0:g1] @ self._fine[g0:g1, c0:c1]
+                a, b = max(a, a0), min(b, b0)
+                if a < b:
+                    P[a - a0:b - a0, c0:c1] = H[a - a0:b - a0, g0:g1] @ self._fine[g0:g1, c0:c1]
         np.maximum(P, 0.0, out=P)
         return P
 
@@ -376,6 +391,12 @@ class GaussianGridKernel:
                 if candidate.error <= INTERPOLATION_TOLERANCE:
                     self.policy_interpolation = candidate
 
+    @property
+    def dense_band(self) -> bool:
+        """Whether :meth:`policy_matrix` contracts a dense ``(N, M, band)`` array (``8 N M band`` bytes within
+        :data:`solver.budget.DENSE_BAND_BYTES`), else it scatter-adds the windows (the windowed storage)."""
+        return self._local is not None
+
     def expect(self, V: np.ndarray, rows: slice | None = None) -> np.ndarray:
         """``(T V)_ij = sum_k T_ijk V_k``, shape ``(N, M)``; only the states ``rows`` (a slice) if given."""
         if self.interpolation is not None:
@@ -389,10 +410,11 @@ class GaussianGridKernel:
             self._row_blocks = {(rows.start, rows.stop): block}
         return (block @ V).reshape(-1, m)
 
-    def dense_policy_matrix(self, masses: np.ndarray) -> np.ndarray | None:
+    def dense_policy_matrix(self, masses: np.ndarray, rows: slice | None = None) -> np.ndarray | None:
         """``P^pi`` ``(N, N)`` dense by :class:`InterpolatedPolicy` (within its measured error of
-        :meth:`policy_matrix`), or None where that path is not built (then use :meth:`policy_matrix`)."""
-        return None if self.policy_interpolation is None else self.policy_interpolation(masses)
+        :meth:`policy_matrix`), or None where that path is not built (then use :meth:`policy_matrix`).
+        With ``rows``: the dense ``(rows, N)`` block from those rows' masses (MPI over states)."""
+        return None if self.policy_interpolation is None else self.policy_interpolation(masses, rows)
 
     def policy_matrix(self, masses: np.ndarray, rows: slice | None = None) -> sp.csr_matrix:
         """``P^pi_ik = sum_j m_ij T_ijk`` for action masses ``m`` ``(N, M)``, as a sparse ``(N, N)`` matrix.
@@ -515,7 +537,7 @@ class GaussianGridKernel2D:
                                                            self._windows(1, a, b))
         return out
 
-    def dense_policy_matrix(self, masses: np.ndarray) -> None:
+    def dense_policy_matrix(self, masses: np.ndarray, rows: slice | None = None) -> None:
         """No dense interpolated ``P^pi`` on 2D grids: use :meth:`policy_matrix`."""
         return None
 

@@ -28,7 +28,14 @@ from .flows.base import FlowState
 
 
 class Observer:
-    """Base class: the life cycle of the module docstring, every call a no-op."""
+    """Base class: the life cycle of the module docstring, every call a no-op.
+
+    ``collective``: under MPI over states the observer exists on every rank and its calls (and
+    :meth:`checkpoint_state`) are collective; otherwise it is rank 0's alone (other ranks hold a base
+    :class:`Observer` in its place, so that the observers' positions agree across ranks).
+    """
+
+    collective = False
 
     def start(self, problem) -> None:
         """Called once before the first flow state."""

@@ -116,6 +116,21 @@ class Partition:
         """Maximum of ``value`` over the ranks."""
         return value if self.serial else self.comm.allreduce(value, op=_mpi().MAX)
 
+    def reduce(self, values, op: str = "sum") -> np.ndarray:
+        """Entrywise ``"sum"`` or ``"max"`` of the float vector ``values`` over the ranks, on every rank (one
+        ``MPI_Allreduce``; serial: ``values`` as an array)."""
+        values = np.ascontiguousarray(values, dtype=float)
+        if self.serial:
+            return values
+        out = np.empty_like(values)
+        self.comm.Allreduce(values, out, op={"sum": _mpi().SUM, "max": _mpi().MAX}[op])
+        return out
+
+    def owned(self, local: np.ndarray) -> np.ndarray:
+        """The global state indices ``local`` (indices into this rank's rows) of every rank, on every rank."""
+        local = np.asarray(local, dtype=np.int64) + self.rows.start
+        return local if self.serial else np.concatenate(self.comm.allgather(local))
+
     def bcast(self, value):
         """Rank 0's ``value`` on every rank."""
         return value if self.serial else self.comm.bcast(value, root=0)

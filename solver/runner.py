@@ -352,19 +352,29 @@ def oracle_comparison(problem: Problem) -> dict:
         "V_star_max_error_interior": float(error.max()) if error.size else None}}
 
 
-def run_observers(problem: Problem, out: Path, progress_bar: bool = False) -> list[Observer]:
-    """The observers of a ``wpgflow run`` (rank 0): history, snapshots, the local-rate check, the progress bar."""
+def run_observers(problem: Problem, out: Path, progress_bar: bool = False,
+                  partition: parallel.Partition | None = None) -> list[Observer]:
+    """The observers of a ``wpgflow run``: history, snapshots, the local-rate check, the progress bar.
+
+    Under MPI (``partition`` of several ranks) rank 0 gets them all; another rank gets the collective ones
+    (:attr:`~solver.observers.Observer.collective`: the local-rate check, which splits its per-state work over
+    the ranks) and a base :class:`~solver.observers.Observer` in place of each of rank 0's own.
+    """
     cfg, mdp = problem.config, problem.mdp
     schedule = (cfg.output.snapshots, cfg.flow.dt, cfg.flow.t_end)
+    root = partition is None or partition.root
     observers: list[Observer] = [
-        HistoryCSV(out),
-        Snapshots(Schedule(*schedule), outputs.snapshot_states(mdp.n_states, mdp.n_actions, cfg.output.snapshots))]
+        HistoryCSV(out) if root else Observer(),
+        Snapshots(Schedule(*schedule), outputs.snapshot_states(mdp.n_states, mdp.n_actions, cfg.output.snapshots))
+        if root else Observer()]
     if flows.lookup(cfg.flow.kind).fokker_planck and mdp.n_actions > 1:
-        observers.append(along_flow.LocalRates(problem, schedule=Schedule(*schedule), out=out))
-        observers.append(modes.WindowStart())  # the policy whose modes predict the fitted span
-    observers.append(ledger.Ledger(problem, Schedule(*schedule), out, peers=observers))  # hypotheses.csv
-    if progress_bar:
-        observers.append(Progress(cfg.flow.t_end))
+        observers.append(along_flow.LocalRates(problem, schedule=Schedule(*schedule), out=out if root else None,
+                                               partition=partition))
+        observers.append(modes.WindowStart() if root else Observer())  # the policy whose modes predict the span
+    if root:
+        observers.append(ledger.Ledger(problem, Schedule(*schedule), out, peers=observers))  # hypotheses.csv
+        if progress_bar:
+            observers.append(Progress(cfg.flow.t_end))
     return observers
 
 
@@ -451,7 +461,7 @@ def run_and_write(cfg: Config, out: Path, force: bool = False, progress_bar: boo
         partition = parallel.Partition(comm, problem.mdp.n_states)
         flow = make_flow(problem, partition)
         p0 = initial_policy(cfg, problem.mdp)  # refuses a Gaussian with no mass on the domain
-        observers = checked_observers(problem, out, progress_bar, root)
+        observers = checked_observers(problem, out, progress_bar, partition)
         if resume_from is not None:
             if root:
                 lock = outputs.RunLock(out)
@@ -510,13 +520,15 @@ def run_and_write(cfg: Config, out: Path, force: bool = False, progress_bar: boo
             lock.release()
 
 
-def checked_observers(problem: Problem, out: Path, progress_bar: bool, root: bool = True) -> list[Observer]:
-    """:func:`run_observers` (rank 0; ``[]`` elsewhere), made before anything is written: what they compute up
-    front (the generator gaps at ``Q*``, the local-rate factor) must work, else the run is refused naming
-    ``mdp.tau`` (``Q* / tau`` too steep for the action mesh: the spectral solves break down)."""
+def checked_observers(problem: Problem, out: Path, progress_bar: bool,
+                      partition: parallel.Partition | None = None) -> list[Observer]:
+    """:func:`run_observers`, made before anything is written: what they compute up front (the generator gaps at
+    ``Q*``, the local-rate factor) must work, else the run is refused naming ``mdp.tau`` (``Q* / tau`` too steep
+    for the action mesh: the spectral solves break down)."""
+    root = partition is None or partition.root
     try:
         with np.errstate(all="ignore"):
-            observers = run_observers(problem, out, progress_bar) if root else []
+            observers = run_observers(problem, out, progress_bar, partition)
             if root and problem.mdp.n_actions > 1 and not any(getattr(o, "ell_star", None) is not None
                                                                for o in observers):
                 observers.append(_GapsAtOptimum(problem))

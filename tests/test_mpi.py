@@ -32,7 +32,7 @@ MPI_ENV = os.environ | {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_C
                         "OMPI_MCA_rmaps_base_oversubscribe": "1",
                         "PRTE_MCA_rmaps_default_mapping_policy": ":oversubscribe"}
 #: Small lqr_1d: 31 states split 16 + 15, 65 action DOFs; adaptive steps exercise the reduced error estimate.
-SMALL = ["--set", "states.n=31", "--set", "actions.cells=64", "--set", "flow.t_end=0.5",
+SMALL = ["--set", "states.n=31", "--set", "actions.cells=64", "--set", "flow.t_end=0.25",
          "--set", "flow.adaptive=true", "--set", "output.snapshots=6", "--quiet"]
 #: lqr_2d_state on a 41 x 41 grid: 1681 states > bellman.DENSE_STATES, so every rank runs the same GMRES on the
 #: gathered P^pi; 145 action DOFs keep it short.
@@ -44,9 +44,12 @@ TOLERANCE = 1e-10
 needs_mpirun = pytest.mark.skipif(MPIRUN is None, reason="mpirun not installed (Debian: openmpi-bin)")
 
 
-def _wpgflow(out: Path, *extra: str, ranks: int | None = None, case: str = "lqr_1d") -> subprocess.CompletedProcess:
+def _wpgflow(out: Path, *extra: str, ranks: int | None = None, case: str = "lqr_1d",
+             resume: bool = False) -> subprocess.CompletedProcess:
+    """``wpgflow run`` of ``case`` (or, ``resume``, of ``extra`` alone: ``--resume DIR ...``), on ``ranks``."""
     small = {"lqr_1d": SMALL, "lqr_2d_state": SMALL_2D_STATES}[case]
-    command = [WPGFLOW, "run", str(ROOT / "experiments" / f"{case}.toml"), *small, "--out", str(out), *extra]
+    command = [WPGFLOW, "run", "--quiet", *extra] if resume else [
+        WPGFLOW, "run", str(ROOT / "experiments" / f"{case}.toml"), *small, "--out", str(out), *extra]
     if ranks is not None:
         command = [MPIRUN, *_quiet_flag(), "-n", str(ranks), *command]
     return subprocess.run(command, capture_output=True, text=True, env=MPI_ENV, cwd=ROOT, timeout=300)
@@ -84,12 +87,35 @@ def _history(path: Path) -> tuple[list[str], np.ndarray]:
     return rows[0], np.array(rows[1:], dtype=float)
 
 
+def _rates(path: Path) -> tuple[list[str], np.ndarray]:
+    """rates.csv's columns and its numeric columns (the text columns, such as a status, dropped)."""
+    with open(path / "rates.csv") as f:
+        rows = list(csv.reader(f))
+    numeric = [j for j, value in enumerate(rows[1]) if _is_number(value)]
+    return [rows[0][j] for j in numeric], np.array([[row[j] for j in numeric] for row in rows[1:]], dtype=float)
+
+
+def _is_number(value: str) -> bool:
+    try:
+        float(value)
+    except ValueError:
+        return False
+    return True
+
+
 @needs_mpirun
 @pytest.mark.parametrize("case", ["lqr_1d", "lqr_2d_state"])
 def test_mpirun_two_ranks_equals_serial(tmp_path, case):
+    """history.csv, solution.npz and rates.csv of ``mpirun -n 2`` equal the serial run's to 1e-10. lqr_1d runs to
+    t = 0.25 and is then extended (``--resume --extend 0.5``) in both: the checkpoint (the flow's and the collective
+    local-rate check's warm starts, gathered) and its restore on every rank are part of what is compared."""
     serial, mpi = _wpgflow(tmp_path / "serial", case=case), _wpgflow(tmp_path / "mpi", ranks=2, case=case)
     assert serial.returncode == 0, serial.stderr
     assert mpi.returncode == 0, mpi.stderr
+    if case == "lqr_1d":
+        for out, ranks in ((tmp_path / "serial", None), (tmp_path / "mpi", 2)):
+            extended = _wpgflow(out, "--resume", str(out), "--extend", "0.5", ranks=ranks, resume=True)
+            assert extended.returncode == 0, extended.stderr
     assert json.loads((tmp_path / "mpi" / "summary.json").read_text())["mpi_ranks"] == 2  # really split
     assert json.loads((tmp_path / "serial" / "summary.json").read_text())["mpi_ranks"] == 1
     columns, a = _history(tmp_path / "serial")
@@ -101,6 +127,16 @@ def test_mpirun_two_ranks_equals_serial(tmp_path, case):
     assert sorted(s.files) == sorted(m.files)
     for key in s.files:
         assert s[key].shape == m[key].shape and np.max(np.abs(s[key] - m[key])) <= TOLERANCE, key
+    # the local-rate check splits its states over the ranks (a collective observer): the same rates.csv
+    columns, a = _rates(tmp_path / "serial")
+    columns_mpi, b = _rates(tmp_path / "mpi")
+    assert columns == columns_mpi and a.shape == b.shape and a.shape[0] >= 3
+    assert np.array_equal(np.isnan(a), np.isnan(b))
+    scale = np.maximum(1.0, np.abs(np.nan_to_num(a)))  # rates and constants of order 1..1e2: relative 1e-10
+    assert np.nanmax(np.abs(a - b) / scale) <= TOLERANCE
+    summaries = [json.loads((tmp_path / d / "summary.json").read_text()) for d in ("serial", "mpi")]
+    for key in ("certified_status", "local_rate_check", "continuum_vacuous_states"):
+        assert summaries[0][key] == summaries[1][key], key
 
 
 @needs_mpirun
