@@ -38,7 +38,9 @@ return their argument.
 
 from __future__ import annotations
 
+import functools
 import os
+import time
 
 import numpy as np
 import scipy.sparse as sp
@@ -51,6 +53,20 @@ from .config import ConfigError
 _LAUNCHER_RANK_VARIABLES = ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK")
 
 
+def _timed(method):
+    """A :class:`Partition` collective that adds its wall time to ``collective_time`` (on several ranks)."""
+    @functools.wraps(method)
+    def timed(self, *args, **kwargs):
+        if self.serial:
+            return method(self, *args, **kwargs)
+        start = time.perf_counter()
+        try:
+            return method(self, *args, **kwargs)
+        finally:
+            self.collective_time += time.perf_counter() - start
+    return timed
+
+
 class Partition:
     """Contiguous blocks of ``n`` states over the ranks of ``comm`` (``comm`` None: one serial block).
 
@@ -61,6 +77,8 @@ class Partition:
         rank, size: this rank and the number of ranks.
         counts, starts: ``(K,)`` block sizes and first states.
         rows: ``slice`` of this rank's states.
+        collective_time: seconds this rank spent in the collectives below (communication and waiting for the
+            other ranks; PETSc's own inside :class:`solver.bellman.DistributedResolvent` not counted), 0 serially.
     """
 
     def __init__(self, comm, n: int):
@@ -74,6 +92,7 @@ class Partition:
         self.counts = np.full(self.size, n // self.size) + (np.arange(self.size) < n % self.size)
         self.starts = np.concatenate([[0], np.cumsum(self.counts)[:-1]])
         self.rows = slice(int(self.starts[self.rank]), int(self.starts[self.rank] + self.counts[self.rank]))
+        self.collective_time = 0.0
         if self.size > 1:
             limit_blas_threads(max(1, (os.cpu_count() or 1) // self.size))
 
@@ -86,8 +105,12 @@ class Partition:
         """True on the rank that writes outputs (rank 0)."""
         return self.rank == 0
 
+    @_timed
     def gather(self, local: np.ndarray) -> np.ndarray:
         """Allgatherv of the own rows: ``local`` ``(counts[rank], ...)`` -> the full ``(n, ...)`` on every rank."""
+        return self._gather(local)
+
+    def _gather(self, local: np.ndarray) -> np.ndarray:
         if self.serial:
             return local
         local = np.ascontiguousarray(local, dtype=float)
@@ -96,11 +119,12 @@ class Partition:
         self.comm.Allgatherv(local, [full, self.counts * row, self.starts * row, _mpi().DOUBLE])
         return full
 
+    @_timed
     def gather_csr(self, block: sp.csr_matrix) -> sp.csr_matrix:
         """The full CSR matrix from every rank's block of rows (same ``data``/``indices`` as a serial build)."""
         if self.serial:
             return block
-        per_row = self.gather(np.diff(block.indptr).astype(float)).astype(np.int64)
+        per_row = self._gather(np.diff(block.indptr).astype(float)).astype(np.int64)
         indptr = np.concatenate([[0], np.cumsum(per_row)])
         nnz = indptr[self.starts + self.counts] - indptr[self.starts]
         data = np.empty(indptr[-1])
@@ -112,10 +136,12 @@ class Partition:
                              [indices, nnz, indptr[self.starts], MPI.INT64_T])
         return sp.csr_matrix((data, indices, indptr), shape=(self.n, block.shape[1]))
 
+    @_timed
     def max(self, value: float) -> float:
         """Maximum of ``value`` over the ranks."""
         return value if self.serial else self.comm.allreduce(value, op=_mpi().MAX)
 
+    @_timed
     def reduce(self, values, op: str = "sum") -> np.ndarray:
         """Entrywise ``"sum"`` or ``"max"`` of the float vector ``values`` over the ranks, on every rank (one
         ``MPI_Allreduce``; serial: ``values`` as an array)."""
@@ -126,11 +152,13 @@ class Partition:
         self.comm.Allreduce(values, out, op={"sum": _mpi().SUM, "max": _mpi().MAX}[op])
         return out
 
+    @_timed
     def owned(self, local: np.ndarray) -> np.ndarray:
         """The global state indices ``local`` (indices into this rank's rows) of every rank, on every rank."""
         local = np.asarray(local, dtype=np.int64) + self.rows.start
         return local if self.serial else np.concatenate(self.comm.allgather(local))
 
+    @_timed
     def bcast(self, value):
         """Rank 0's ``value`` on every rank."""
         return value if self.serial else self.comm.bcast(value, root=0)

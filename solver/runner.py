@@ -157,11 +157,13 @@ def initial_policy(config: Config, mdp: MDP) -> np.ndarray:
 
 @dataclass
 class RunResult:
-    """What a run produced: the history rows, the last flow state and the loop's wall time."""
+    """What a run produced: the history rows, the last flow state, the loop's wall time and (MPI) the part of it
+    this rank spent in collectives (:attr:`solver.parallel.Partition.collective_time`)."""
 
     rows: list[dict] = field(default_factory=list)
     final: flows.FlowState | None = None
     loop_time: float = 0.0
+    collective_time: float = 0.0
     status: str = "running"
     message: str = ""
 
@@ -208,7 +210,7 @@ def run(problem: Problem, observers: Iterable[Observer] = (), partition: paralle
     observers = list(observers)
     result = RunResult(rows=list(resume.rows) if resume is not None else [])
     J_star = problem.J_star
-    start = time.perf_counter()
+    start, collective = time.perf_counter(), partition.collective_time
     if resume is not None:
         p0 = resume.state["p"]
     elif p0 is None:
@@ -252,6 +254,7 @@ def run(problem: Problem, observers: Iterable[Observer] = (), partition: paralle
     finally:
         STOP.phase = "writing"
         result.loop_time = time.perf_counter() - start
+        result.collective_time = partition.collective_time - collective
         for observer in observers:
             try:
                 observer.finish(result)
@@ -498,6 +501,7 @@ def run_and_write(cfg: Config, out: Path, force: bool = False, progress_bar: boo
             summary = {"summary_error": f"{type(exc).__name__}: {exc}"}
         summary = _running_summary(problem, resume_state) | summary | {
             "status": result.status, "message": result.message, "mpi_ranks": partition.size,
+            "mpi_collective_time_s": result.collective_time,
             "steps": len(result.rows) - 1 if result.rows else 0,
             "checkpoint": outputs.CHECKPOINT if every else None}
         try:
