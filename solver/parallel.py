@@ -7,7 +7,8 @@ in :mod:`solver.fem`; every rank builds the same MDP and solves for ``pi*`` by i
   ``r^pi`` and the rows of ``P^pi`` (theory.md §2), the rows of ``Q = R + gamma T V``, the implicit Euler step
   of the flow (theory.md §3, :func:`solver.flows.implicit_step` on a block of states) and the statewise
   diagnostics ``D^h`` and ``KL(pi_s || G_s)``. These are the ``O(N M L)`` and ``O(N M)`` parts of a step.
-* **Gathered** (``MPI_Allgatherv``, so every rank holds the full array): ``r^pi`` ``(N,)``, ``P^pi`` (CSR rows),
+* **Gathered** (``MPI_Allgatherv``, so every rank holds the full array): ``r^pi`` ``(N,)``, ``P^pi`` (dense rows
+  where the kernel interpolates it, :meth:`solver.mdp.GaussianGridKernel.dense_policy_matrix`, else CSR rows),
   the new masses ``(N, M)`` (every rank holds the full policy), ``Q`` ``(N, M)`` and ``D^h`` ``(N,)``.
 * **Replicated**: the LU of ``I - gamma P^pi`` (``N x N``) and the solves for ``V`` and the adjoint
   ``(I - gamma P^pi)^{-T} rho``: ``O(N^3)`` once per step, cheap next to the ``O(N M L)`` row work (run on one
@@ -23,6 +24,11 @@ in :mod:`solver.fem`; every rank builds the same MDP and solves for ``pi*`` by i
   block-diagonal per-state solves), so MPI results equal serial ones to round-off (tests/test_mpi.py).
 * Control decisions (adaptive step acceptance, ``gap <= gap_tol``) use values reduced over, or broadcast
   from, all ranks, so every rank takes the same branch.
+* **Observers**: rank 0's (history, snapshots, hypothesis ledger, progress) run on rank 0 alone; the
+  local-rate check (:class:`solver.along_flow.LocalRates`, a *collective* observer) runs on every rank on its
+  own states and reduces its sums and minima (:meth:`Partition.reduce`), so the ranks do not wait for rank 0
+  through its per-state eigen-solves. :attr:`Partition.collective_time` is the time a rank spent in the
+  collectives (``mpi_collective_time_s`` of ``summary.json``: communication plus waiting).
 
 Outputs (run directory, progress bar, report, plots) come from rank 0 only (:func:`solver.cli.execute`).
 Memory per rank: the whole MDP (reward ``N M``, kernel ``N M L`` values, the ``(N, M)`` policy and ``Q``);

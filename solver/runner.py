@@ -195,8 +195,9 @@ def run(problem: Problem, observers: Iterable[Observer] = (), partition: paralle
     interrupt), each even if another one fails. A state's resolvent is released once every observer has seen it
     and the loop goes on; the last state keeps it, for the observers' :meth:`~solver.observers.Observer.finish`.
 
-    ``partition``: MPI over states (:mod:`solver.parallel`); every rank runs this loop (the observers are
-    rank 0's business) and the stopping tests use rank 0's gap and signals, so all ranks stop together.
+    ``partition``: MPI over states (:mod:`solver.parallel`); every rank runs this loop with its observers
+    (:func:`run_observers`: rank 0's own and the collective ones) and the stopping tests use rank 0's gap and
+    signals, so all ranks stop together.
 
     ``p0``: the initial policy (default :func:`initial_policy`). ``resume``: continue from a checkpoint
     (:class:`Resume`); its state is not observed again (its row and the observers' lists were restored by the
