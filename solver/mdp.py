@@ -216,7 +216,9 @@ POLICY_CHUNK_STATES = 16
 
 #: Cost model of ``P^pi`` (ns per operation, measured on lqr_1d, 2-core AMD EPYC, OpenBLAS): the dense-band
 #: einsum ~0.5 per multiply-add, the sparse histogram ~0.8 per non-zero, the blocked GEMM ~0.05 per multiply-add.
-#: :class:`InterpolatedPolicy` is used where its modelled cost is below the dense band's.
+#: :class:`InterpolatedPolicy` is used where its modelled cost is below the dense band's. (The compiled windowed
+#: product, :func:`_windowed_policy`, costs ~0.6 per window entry, ~0.3 per band entry: the model is kept, it
+#: leans to the interpolation, which is cheaper still at every size of benchmarks/bench_scaling.py from 61 states.)
 POLICY_COST_NS = {"band": 0.5, "histogram": 0.8, "gemm": 0.05}
 
 
@@ -330,6 +332,28 @@ class InterpolatedPolicy:
         return P
 
 
+WINDOWED_SIGNATURE = "void(f8[:, ::1], i8[:, ::1], f8[:, :, ::1], f8[:, ::1])"
+
+
+def _windowed_policy(masses, offset, values, out):
+    """Compiled ``P^pi`` band rows of :meth:`GaussianGridKernel.policy_matrix`: ``out[i, offset_ij + l] +=
+    m_ij T_ij[l]`` over the window ``l < L`` of every action ``j`` (``out`` ``(N, band)``, zeros on entry). Each
+    entry is summed over ``j`` increasing, each product rounded before it is added, as by the windowed storage's
+    ``bincount``: the same numbers bit for bit (tests/test_kernel.py). ``N M L`` multiply-adds, no ``(N, M, band)``
+    array: measured 4.0 ms instead of 11 (dense-band einsum) and 32 (bincount) at 241 x 257 (L = 111),
+    21 ms instead of 38 and 147 at 1500 x 33 (L = 677)."""
+    n, m = masses.shape
+    width = values.shape[2]
+    for i in range(n):
+        row = out[i]
+        for j in range(m):
+            x = masses[i, j]
+            segment = row[offset[i, j]:offset[i, j] + width]
+            w = values[i, j]
+            for c in range(width):
+                segment[c] += x * w[c]
+
+
 class GaussianGridKernel:
     """``T_ijk ∝ exp(-(s_k - f_ij)^2 / (2 sigma^2))`` on a uniform 1D grid, renormalised over the grid.
 
@@ -365,14 +389,14 @@ class GaussianGridKernel:
         lo = np.minimum(lo, n - band)
         self._band = band
         self._band_cols = (lo[:, None] + np.arange(band)).ravel()
-        local = cols - lo[:, None, None]
-        # Small problems (all of 1D): the windows scattered into a dense (N, M, band) array once, on the first
-        # policy_matrix call (serial runs with InterpolatedPolicy never make one); the contraction over actions is
-        # then one einsum instead of a scatter-add.
-        self._local = local if values.size * band / width * 8 <= budget.DENSE_BAND_BYTES else None
-        self._dense = None
-        if self._local is None:
-            self._scatter = (np.arange(mean.shape[0])[:, None, None] * band + local).ravel()
+        # first column of each window within its state's band, (N, M): what policy_matrix's paths are built from
+        self._offset = np.ascontiguousarray(start - lo[:, None])
+        # policy_matrix, numpy path: small problems scatter the windows into a dense (N, M, band) array once, on
+        # the first call (serial runs with InterpolatedPolicy never make one), and contract it over actions with
+        # one einsum; larger ones scatter-add the windows in every call (bincount of the flat indices, built on
+        # the first call). The compiled path (:func:`_windowed_policy`) needs neither.
+        self._dense_band = values.size * band / width * 8 <= budget.DENSE_BAND_BYTES
+        self._dense = self._scatter = None
         self.interpolation = None
         if interpolate and n > 1 and width > INTERPOLATION_DEGREE + 1:
             span = (float(mean.max()) - float(mean.min())) * MEAN_GRID_PER_SIGMA / sigma + 2 * INTERPOLATION_DEGREE
@@ -393,9 +417,10 @@ class GaussianGridKernel:
 
     @property
     def dense_band(self) -> bool:
-        """Whether :meth:`policy_matrix` contracts a dense ``(N, M, band)`` array (``8 N M band`` bytes within
-        :data:`solver.budget.DENSE_BAND_BYTES`), else it scatter-adds the windows (the windowed storage)."""
-        return self._local is not None
+        """Whether the numpy path of :meth:`policy_matrix` contracts a dense ``(N, M, band)`` array (``8 N M band``
+        bytes within :data:`solver.budget.DENSE_BAND_BYTES`), else it scatter-adds the windows (the windowed
+        storage). The compiled path, where it runs, uses neither."""
+        return self._dense_band
 
     def expect(self, V: np.ndarray, rows: slice | None = None) -> np.ndarray:
         """``(T V)_ij = sum_k T_ijk V_k``, shape ``(N, M)``; only the states ``rows`` (a slice) if given."""
@@ -421,16 +446,32 @@ class GaussianGridKernel:
 
         With ``rows`` (a slice of states), ``masses`` holds those rows only and the result is the
         ``(rows, N)`` block, computed by the same operations per row (MPI over states, :mod:`solver.parallel`).
+
+        Paths: compiled (:func:`_windowed_policy`, from :data:`solver.parallel.COMPILED_MIN_ENTRIES` pairs on where
+        numba is installed), ``N M L`` multiply-adds whatever the storage; else the dense band's einsum
+        (:attr:`dense_band`, ``N M band``) or the windowed storage's ``bincount`` (~8x slower per entry than the
+        einsum: without numba that is the cost jump where the band leaves :data:`solver.budget.DENSE_BAND_BYTES`,
+        and at ``N > DENSE_POLICY_STATES``; measured 2.8x at 1500 -> 1501 states x 65 DOFs, none when compiled).
         """
         n, band = self.shape[0], self._band
         rows = slice(0, n) if rows is None else rows
         nb = rows.stop - rows.start
-        if self._local is not None:
+        spread = (compiled(_windowed_policy, WINDOWED_SIGNATURE)
+                  if self.shape[0] * self.shape[1] >= COMPILED_MIN_ENTRIES else None)
+        if spread is not None:  # the bincount's sums in its order: the same numbers, 2-8x faster
+            out = np.zeros((nb, band))
+            spread(np.ascontiguousarray(masses, dtype=float), self._offset[rows], self._values[rows], out)
+            data = out.ravel()
+        elif self._dense_band:
             if self._dense is None:
                 self._dense = np.zeros(self.shape[:2] + (band,))
-                np.put_along_axis(self._dense, self._local, self._values, axis=-1)
+                np.put_along_axis(self._dense, self._offset[..., None] + np.arange(self.width), self._values,
+                                  axis=-1)
             data = np.einsum("ij,ijb->ib", masses, self._dense[rows]).ravel()
         else:
+            if self._scatter is None:  # flat index of every window entry in the (N, band) output
+                self._scatter = ((np.arange(n) * band)[:, None, None] + self._offset[..., None]
+                                 + np.arange(self.width)).ravel()
             per_state = self.shape[1] * self.width
             scatter = self._scatter[rows.start * per_state:rows.stop * per_state] - rows.start * band
             data = np.bincount(scatter, weights=(masses[..., None] * self._values[rows]).ravel(),

@@ -25,6 +25,7 @@ def test_windowed_kernel_equals_dense_tensor(monkeypatch, dense_band):
     states = np.linspace(-3, 3, 61)
     mean = rng.uniform(-5, 5, size=(61, 17))  # includes means far outside the grid
     kernel = GaussianGridKernel(states, mean, 0.2)
+    assert kernel.dense_band is dense_band  # the storage under test is the one taken
     T = dense_kernel(states, mean, 0.2)
     V = rng.normal(size=61)
     # entries beyond 9 sigma are < 3e-18 relative; the rest is round-off
@@ -32,6 +33,32 @@ def test_windowed_kernel_equals_dense_tensor(monkeypatch, dense_band):
     m = rng.uniform(size=(61, 17))
     np.testing.assert_allclose(kernel.policy_matrix(m).toarray(), np.einsum("ij,ijk->ik", m, T), rtol=0, atol=1e-14)
     assert kernel.width < states.size  # the window really is a window
+
+
+def test_compiled_windowed_policy_matrix_equals_the_numpy_paths(monkeypatch):
+    """The compiled ``P^pi`` (numba, when installed) is the windowed storage's bincount bit for bit, whole and on
+    row blocks (MPI), and the dense band's einsum to round-off."""
+    pytest.importorskip("numba")
+    from solver import mdp as mdp_module, parallel
+
+    rng = np.random.default_rng(2)
+    states = np.linspace(-3, 3, 61)
+    mean = rng.uniform(-5, 5, size=(61, 17))
+    masses = rng.uniform(size=(61, 17))
+    monkeypatch.setenv(parallel.NUMBA_VARIABLE, "0")
+    band = GaussianGridKernel(states, mean, 0.2).policy_matrix(masses).toarray()  # 1037 pairs: the einsum
+    monkeypatch.setattr(budget, "DENSE_BAND_BYTES", 0)
+    kernel = GaussianGridKernel(states, mean, 0.2)
+    windowed = kernel.policy_matrix(masses).toarray()
+    monkeypatch.setenv(parallel.NUMBA_VARIABLE, "1")
+    monkeypatch.setattr(mdp_module, "COMPILED_MIN_ENTRIES", 0)
+    if parallel.compiled(mdp_module._windowed_policy, mdp_module.WINDOWED_SIGNATURE) is None:
+        pytest.skip("numba is installed but cannot compile here")
+    fast = kernel.policy_matrix(masses).toarray()
+    np.testing.assert_array_equal(fast, windowed)  # the same products, summed over j in the same order
+    np.testing.assert_allclose(fast, band, rtol=0, atol=1e-15)  # einsum sums in another order: round-off
+    for rows in (slice(0, 30), slice(30, 61), slice(7, 8)):
+        np.testing.assert_array_equal(kernel.policy_matrix(masses[rows], rows).toarray(), fast[rows])
 
 
 def test_grid_gaussian_moments_at_round_off():
