@@ -76,10 +76,12 @@ class TimedCheckpoint:
     def __init__(self, inner):
         self.inner, self.seconds = inner, 0.0
 
-    def __call__(self, state):
+    def __call__(self, state, final=None):
         start = time.perf_counter()
-        self.inner(state)
-        self.seconds += time.perf_counter() - start
+        try:
+            return self.inner(state, final)
+        finally:
+            self.seconds += time.perf_counter() - start
 
 
 def cli_loop(problem, out: Path) -> tuple[float, int, dict[str, float], dict[str, float]]:

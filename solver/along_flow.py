@@ -319,11 +319,14 @@ class LocalRates(Observer):
         previous = sc.kappa_step if self._steps is None else self._steps
         self._steps = np.where(sc.kappa_step >= 0, sc.kappa_step, previous)
         # Delta_s = tau KL(pi_s || G^pi_s) (the Bellman residual); J* - J <= y . Delta with y = d* / (1 - gamma)
-        kl = diagnostics.kl_to_gibbs(mdp, p, g)  # the KL of the history row
+        kl = state.memo.get("kl")  # the KL of the history row of this state, else computed
+        kl = diagnostics.kl_to_gibbs(mdp, p, g) if kl is None else kl
         delta = mdp.tau * np.maximum(kl, 0.0)
         y = self.d_star[own] / (1.0 - mdp.gamma)
+        D = state.memo.get(("dissipation", self.scheme))  # the flow's D^h of this state if it has this scheme
+        D = dissipation(mdp, p, g, self.scheme) if D is None else D
         rate_J, denominator, numerator = part.reduce(
-            [x[own] @ dissipation(mdp, p, g, self.scheme), y @ delta, x[own] @ (sc.rho_lo * delta)], "sum")
+            [x[own] @ D, y @ delta, x[own] @ (sc.rho_lo * delta)], "sum")
         informative = sc.C_lo[sc.informative]
         low_h, low, mass_error, q_max = part.reduce(  # minima as maxima of negatives: one reduction
             [-sc.rho_lo.min(), -informative.min() if informative.size else -math.inf,

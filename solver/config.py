@@ -208,7 +208,8 @@ SCHEMA: dict[str, dict[str, Key]] = {
     },
     "output": {
         "snapshots": Key(int, 20, _snapshots),
-        # steps between two checkpoints (checkpoint.npz, for ``wpgflow run --resume``); 0 = none
+        # steps between two checkpoints (checkpoint.npz, for ``wpgflow run --resume``); 0 = none; large runs also
+        # follow a wall-time rule (solver.checkpoint.CHECKPOINT_MIN_ENTRIES)
         "checkpoint_every": Key(int, 100, lambda x: None if x >= 0 else "must be an integer >= 0 (0: no checkpoints)"),
         "animation": Key(bool, False),  # density.gif at the end of the run (solver/plots/animate.py)
     },

@@ -32,6 +32,7 @@ from . import budget
 from .flows.base import Flow, FlowState, potential
 from .flows.fokker_planck import symmetric_generator
 from .mdp import MDP
+from .parallel import single_threaded_blas
 
 HISTORY_COLUMNS = ("t", "dt", "J", "gap", "dissipation", "kl_gibbs_max", "mass_error", "min_density",
                    "dissipation_ratio")
@@ -49,52 +50,85 @@ def record(flow: Flow, state: FlowState, J_star: float, previous: dict | None = 
             over MPI ranks, so the row is the same on every rank).
         previous: the row of the previous flow state (its ``J`` and ``dissipation`` are used), or None for
             the first row.
+
+    The row's matrix-vector products (``p w`` of the masses, the KL's sums over the action DOFs, the adjoint
+    solve) run on one BLAS thread (:func:`solver.parallel.single_threaded_blas`): waking OpenBLAS's second thread
+    for a ``121 x 257`` product cost up to 5 ms on a loaded 2-core machine (measured along a default lqr_1d run,
+    against 0.01 ms on one thread). The threaded product splits the sums differently: the KL column moved by up to
+    7e-15 absolute (3e-7 relative at KL ~ 2e-10, its own round-off) against the threaded one, whose values depended
+    on the core count; every other column is unchanged. The KL takes the evaluation's ``log p``
+    (:attr:`solver.bellman.Evaluation.log_p`) where it equals ``log p`` (every ``p >= tiny``): one logarithm
+    pass less, the same numbers.
     """
     mdp, partition = flow.mdp, flow.partition
     ev, p = state.evaluation, state.p
     rows = partition.rows
-    J = float(mdp.rho @ ev.V)
-    min_density = float(p.min())
-    kl = kl_to_gibbs(mdp, p[rows], state.g[rows], min_density > 0)
+    with single_threaded_blas(p.shape[0]):
+        J = float(mdp.rho @ ev.V)
+        min_density = float(p.min())
+        log_p = ev.log_p if ev.log_p is not None and min_density >= TINY else None  # log max(p, tiny) = log p
+        local = p[rows]
+        kl = kl_to_gibbs(mdp, local, state.g[rows], min_density > 0,
+                         None if log_p is None or log_p.shape != local.shape else log_p)
+        state.memo["kl"] = kl  # for the along-flow check of this state
+        mass_error = float(np.abs(p @ mdp.weights - 1.0).max())
+        dissipation = predicted_dissipation(flow, state)
     return {
         "t": state.t,
         "dt": state.dt,
         "J": J,
         "gap": J_star - J,
-        "dissipation": predicted_dissipation(flow, state),
+        "dissipation": dissipation,
         "kl_gibbs_max": partition.max(float(kl.max())),
-        "mass_error": float(np.abs(p @ mdp.weights - 1.0).max()),
+        "mass_error": mass_error,
         "min_density": min_density,
         "dissipation_ratio": dissipation_ratio(J, state.dt, previous),
     }
 
 
-def kl_to_gibbs(mdp: MDP, p: np.ndarray, g: np.ndarray, positive: bool = False) -> np.ndarray:
+#: The smallest normal double: :func:`solver.bellman.policy_log` floors ``p`` there, so the evaluation's ``log p``
+#: is ``log p`` exactly where ``p >= TINY``.
+TINY = float(np.finfo(float).tiny)
+
+
+def kl_to_gibbs(mdp: MDP, p: np.ndarray, g: np.ndarray, positive: bool = False,
+                log_p: np.ndarray | None = None) -> np.ndarray:
     """``KL(p_s || G_s)`` per state, ``(n,)``, for the policies ``p (n, M)`` and the potentials ``g = Q / tau + log mu``
     of their Gibbs policies (``FlowState.g``): ``sum_j w_j p_j (log p_j - log G_j)``, ``0 log 0 = 0``.
 
     The operations of ``solver.bellman.kl_divergence(mdp, p, log_gibbs(mdp, Q)[0])`` (the same values bit for bit)
     without recomputing ``g`` from ``Q``, in chunks of states whose temporaries stay below
     :data:`solver.budget.KL_CHUNK_BYTES` (the ``(N, M)`` log-Gibbs table is never whole). ``positive``: the caller
-    knows ``p > 0`` everywhere (no masking). Cost: one ``exp`` and one ``log`` per entry, two matrix-vector products.
+    knows ``p > 0`` everywhere (no masking). ``log_p``: ``log p`` ``(n, M)`` when the caller has it (with
+    ``positive``; the evaluation's :attr:`~solver.bellman.Evaluation.log_p` where ``p >= TINY``), then no
+    logarithm of ``p``. Cost: one ``exp`` (and one ``log`` without ``log_p``) per entry, two matrix-vector
+    products (on one BLAS thread for small ``n``).
     """
     n, m = p.shape
     w = mdp.weights
     size = max(1, budget.KL_CHUNK_BYTES // (8 * m))
-    if size >= n:
-        return _kl_chunk(p, g, w, positive)
-    out = np.empty(n)
-    for start in range(0, n, size):
-        out[start:start + size] = _kl_chunk(p[start:start + size], g[start:start + size], w, positive)
+    log_p = log_p if positive else None
+    with single_threaded_blas(min(n, size)):
+        if size >= n:
+            out = _kl_chunk(p, g, w, positive, log_p)
+        else:
+            out = np.empty(n)
+            for start in range(0, n, size):
+                rows = slice(start, start + size)
+                out[rows] = _kl_chunk(p[rows], g[rows], w, positive, None if log_p is None else log_p[rows])
     return out
 
 
-def _kl_chunk(p: np.ndarray, g: np.ndarray, w: np.ndarray, positive: bool) -> np.ndarray:
+def _kl_chunk(p: np.ndarray, g: np.ndarray, w: np.ndarray, positive: bool,
+              log_p: np.ndarray | None = None) -> np.ndarray:
     log_g = g - g.max(axis=1, keepdims=True)  # log G = g - max g - log sum_j w_j exp(g_j - max g)
     log_g -= np.log(np.exp(log_g) @ w)[:, None]
     if positive:
-        integrand = np.log(p)
-        integrand -= log_g
+        if log_p is None:
+            integrand = np.log(p)
+            integrand -= log_g
+        else:
+            integrand = log_p - log_g
         integrand *= p
         return integrand @ w
     mask = p > 0

@@ -56,8 +56,9 @@ def state_quantities(mdp, Q: np.ndarray, p: np.ndarray, fits=None) -> dict[str, 
     log_g = bellman.log_gibbs(mdp, Q)[0]
     with np.errstate(divide="ignore"):
         log_p = np.log(p)
-    fisher, grad_sup = regularity.log_linear_fisher(mdp.space, log_p)
-    rel, _ = regularity.log_linear_fisher(mdp.space, log_p, log_g)
+    mass = regularity.cell_masses(mdp.space, log_p)  # shared by I(p) and I(p | G)
+    fisher, grad_sup = regularity.log_linear_fisher(mdp.space, log_p, mass=mass)
+    rel, _ = regularity.log_linear_fisher(mdp.space, log_p, log_g, mass=mass)
     with np.errstate(over="ignore", invalid="ignore"):
         ratio = np.exp(log_p - log_g)
     return {"dQ_sup": d.grad_sup, "d2Q_min": d.hess_min, "d2Q_max": d.hess_max, "oscQ": d.osc,

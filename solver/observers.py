@@ -19,6 +19,7 @@ from __future__ import annotations
 import bisect
 import csv
 import math
+import time
 from pathlib import Path
 
 import numpy as np
@@ -93,13 +94,22 @@ class Schedule:
         return True
 
 
+#: :class:`HistoryCSV` flushes its rows to the file at most this often (seconds), at every checkpoint (before
+#: ``checkpoint.npz`` is written, so the file always reaches the checkpoint) and at the end. A flush per row cost
+#: 1.3% of a default lqr_1d loop (one ``write`` per 3 ms step); a killed process loses at most this much of rows
+#: after its last checkpoint, which ``--resume`` recomputes anyway.
+FLUSH_SECONDS = 1.0
+
+
 class HistoryCSV(Observer):
-    """One ``history.csv`` row per flow state, flushed at once (a crash keeps every row computed before it)."""
+    """One ``history.csv`` row per flow state, written at once and flushed every :data:`FLUSH_SECONDS` (a crash
+    keeps the rows up to then, and always those up to the last checkpoint: :meth:`flush`)."""
 
     def __init__(self, path: Path):
         self.path = Path(path) / "history.csv"
         self._file = None
         self._replay: list[dict] = []
+        self._flushed = -math.inf  # time.monotonic() of the last flush
 
     def resume(self, rows: list[dict], data: dict) -> None:
         self._replay = rows  # rewritten at start: the file then holds exactly the rows up to the checkpoint
@@ -113,7 +123,14 @@ class HistoryCSV(Observer):
 
     def observe(self, row: dict, state: FlowState) -> None:
         self._writer.writerow([repr(float(row[c])) for c in HISTORY_COLUMNS])
-        self._file.flush()
+        if time.monotonic() - self._flushed >= FLUSH_SECONDS:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write the buffered rows to the file (the checkpointer calls it before ``checkpoint.npz``)."""
+        if self._file is not None and not self._file.closed:
+            self._file.flush()
+            self._flushed = time.monotonic()
 
     def finish(self, result) -> None:
         if self._file is not None:

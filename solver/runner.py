@@ -231,8 +231,8 @@ def run(problem: Problem, observers: Iterable[Observer] = (), partition: paralle
                 for observer in observers:
                     observer.observe(row, state)
                 if checkpoint is not None and checkpoint_every and state.step % checkpoint_every == 0:
-                    checkpoint(state)
-                    fresh = None
+                    if checkpoint(state) is not False:  # a Checkpointer may skip a periodic one (wall-time rule)
+                        fresh = None
             skip = False
             if partition.bcast(result.rows[-1]["gap"] <= f.gap_tol):
                 result.status = "converged"

@@ -133,17 +133,26 @@ def test_recovery_is_exact_for_quadratics():
     assert np.allclose(hess[0], [[6.0, -1.0], [-1.0, 1.0]], atol=1e-9)
 
 
-def test_kernel_moments_exact():
+def test_kernel_moments_exact(monkeypatch):
     """sd_x of the renormalised grid Gaussian: sigma inside the grid (h = sigma / 2: round-off), smaller at the
-    edge where the grid cuts it."""
+    edge where the grid cuts it; and every row's moments equal those of the kernel's own sparse matrix (the
+    centred sums over its stored windows), also across chunks of states."""
     from solver.mdp import GaussianGridKernel
 
     states = np.linspace(-3, 3, 41)
     x = np.array([[0.0, 0.37, 2.9]])
-    k = GaussianGridKernel(states, x, 0.3, interpolate=False)
-    mean, var = regularity.kernel_moments(k.matrix, states, x.shape)
+    mean, var = regularity.kernel_moments(states, x, 0.3)
     assert abs(mean[0, 0]) < 1e-12 and abs(math.sqrt(var[0, 0]) - 0.3) < 1e-12
     assert math.sqrt(var[0, 2]) < 0.3 - 0.05  # cut by the grid end at 3
+    means = np.random.default_rng(2).uniform(-3.5, 3.5, (7, 5))  # inside, near and beyond both grid ends
+    T = GaussianGridKernel(states, means, 0.3, interpolate=False).matrix
+    csr_mean = T @ states
+    centred = (states[None, :] - csr_mean[:, None]) ** 2
+    csr_var = np.asarray(T.multiply(centred).sum(axis=1)).ravel()
+    monkeypatch.setattr(regularity, "MOMENT_CHUNK_BYTES", 8 * 5 * 41 * 2)  # two states per chunk
+    mean, var = regularity.kernel_moments(states, means, 0.3)
+    assert np.allclose(mean.ravel(), csr_mean, rtol=0, atol=1e-14)  # round-off of sums of 41 terms of |s| <= 3
+    assert np.allclose(var.ravel(), csr_var, rtol=1e-13, atol=1e-16)
 
 
 @pytest.mark.parametrize("name,states", [("lqr_1d", 81), ("double_well_1d", 9)])

@@ -4,13 +4,15 @@ lower bound (solver/diagnostics.py, solver/lsi.py, solver/along_flow.py, solver/
 
 import io
 import math
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import scipy.linalg as sla
 
-from solver import bellman, budget, config, diagnostics, flows, ledger, lsi, regularity, runner
+from solver import (bellman, budget, checkpoint, config, diagnostics, flows, ledger, lsi, outputs, parallel,
+                    regularity, runner)
 from solver.along_flow import state_constants
 from solver.fem import rectangle_space
 from solver.mdp import GaussianGridKernel
@@ -38,8 +40,61 @@ def test_kl_to_gibbs_is_the_plain_kl_bit_for_bit(lqr, monkeypatch):
     assert np.array_equal(diagnostics.kl_to_gibbs(mdp, p, state.g), plain)
     assert np.array_equal(diagnostics.kl_to_gibbs(mdp, state.p, state.g, positive=True),
                           bellman.kl_divergence(mdp, state.p, bellman.log_gibbs(mdp, state.evaluation.Q)[0]))
+    # the evaluation's log p (every p >= tiny here) instead of log p: the same numbers
+    log_p = bellman.policy_log(state.p)
+    assert np.array_equal(diagnostics.kl_to_gibbs(mdp, state.p, state.g, True, log_p),
+                          diagnostics.kl_to_gibbs(mdp, state.p, state.g, True))
     monkeypatch.setattr(budget, "KL_CHUNK_BYTES", 8 * mdp.n_actions * 4)  # chunks of 4 states
     assert np.array_equal(diagnostics.kl_to_gibbs(mdp, p, state.g), plain)
+    chunked = diagnostics.kl_to_gibbs(mdp, state.p, state.g, True, log_p)
+    assert np.array_equal(chunked, diagnostics.kl_to_gibbs(mdp, state.p, state.g, True))
+
+
+def test_compiled_sturm_counts_and_minorant_equal_the_numpy_ones(monkeypatch):
+    """The compiled Sturm sweep and convex minorant (lsi._sturm_sweep, lsi._minorant_kernel) do the numpy paths'
+    operations: the same counts (shifts at eigenvalues, pivots hitting zero included) and the same minorant, bit
+    for bit."""
+    monkeypatch.setattr(lsi, "COMPILED_MIN_ENTRIES", 0)  # compiled at any size
+    if parallel.compiled(lsi._sturm_sweep, lsi.STURM_SIGNATURE) is None:
+        pytest.skip("numba is not installed or cannot compile here")
+    rng = np.random.default_rng(3)
+    diag = rng.uniform(1.0, 9.0, (6, 40))
+    off = -rng.uniform(0.1, 3.0, (6, 39))
+    eig = np.array([sla.eigh_tridiagonal(d, o, eigvals_only=True) for d, o in zip(diag, off)])
+    middle = 0.5 * (eig[:, :1] + eig[:, 1:2])  # one eigenvalue below
+    x = np.concatenate([middle, eig[:, [0, 1, 5]], rng.uniform(-1.0, 12.0, (6, 9)), np.full((6, 1), diag[0, 0])],
+                       axis=1)
+    a = np.linspace(-3.0, 3.0, 41)
+    f = rng.normal(size=(9, a.size)).cumsum(axis=1) + a ** 2
+    compiled = lsi.sturm_counts(diag, off, x), lsi._convex_minorant_1d(a, f)
+    monkeypatch.setenv(parallel.NUMBA_VARIABLE, "0")
+    plain = lsi.sturm_counts(diag, off, x), lsi._convex_minorant_1d(a, f)
+    assert np.array_equal(compiled[0], plain[0]) and np.array_equal(compiled[1], plain[1])
+    assert np.array_equal(plain[0][:, 0], np.ones(6))  # sanity: one eigenvalue below (lambda_0 + lambda_1) / 2
+
+
+def test_checkpoint_wall_time_rule(lqr, tmp_path, monkeypatch):
+    """A large run (policy of CHECKPOINT_MIN_ENTRIES entries or more) skips a periodic checkpoint until
+    max(CHECKPOINT_INTERVAL, cost / CHECKPOINT_SHARE) seconds have passed since the last one; a small run writes
+    every period; the end of the loop is always written."""
+    problem, states = lqr
+    flow = runner.make_flow(problem)
+    flow.start(states[-1].p)
+    state = states[-1]
+    ck = checkpoint.Checkpointer(tmp_path, problem.config, flow, [], True)
+    assert ck(state, final=False)  # small: every period
+    monkeypatch.setattr(checkpoint, "CHECKPOINT_MIN_ENTRIES", state.p.size)  # now a large run
+    ck._last = (time.perf_counter(), 0.0)  # the first checkpoint has just been written
+    assert not ck.due(state) and not ck(states[0], final=False)
+    ck.written = False
+    assert ck.due(state)  # the first checkpoint of a run is always written
+    ck.written = True
+    assert ck(state, final=True)  # the end of the loop: always written
+    assert outputs.read_checkpoint(tmp_path)[1]["step"] == state.step
+    ck._last = (time.perf_counter() - 1.01 * checkpoint.CHECKPOINT_INTERVAL, 0.0)
+    assert ck.due(state)  # the interval has passed
+    ck._last = (time.perf_counter() - 1.01 * checkpoint.CHECKPOINT_INTERVAL, 1.0)  # but it took 1 s to write
+    assert not ck.due(state)
 
 
 def test_ledger_bounds_from_parts_equal_apriori_bounds(lqr):
@@ -148,3 +203,110 @@ def test_state_constants_middle_level_keeps_the_minimum(lqr):
     cold = state_constants(mdp, state.evaluation.Q, "sg", g=state.g)  # no warm start: every step at full refinement
     every, _, _ = lsi.many_lower_bounds(mdp.space, state.g)
     assert cold.C_lo.min() == pytest.approx(every.min(), rel=1e-12) and np.all(cold.C_lo <= every * (1 + 1e-12))
+
+
+def test_shared_cell_masses_are_the_plain_logarithmic_means(lqr):
+    """regularity.cell_masses (one exponential per DOF, shared by the ledger's I(p) and I(p | G)) equals the plain
+    1D formula h (p_k - p_j) / (log p_k - log p_j), h sqrt(p_j p_k) where the logs are within 1e-8, bit for bit,
+    zero densities included; log_linear_fisher with or without it is the same."""
+    problem, states = lqr
+    mdp = problem.mdp
+    p = states[-1].p.copy()
+    p[2, 4:7] = 0.0
+    p[3, 9] = p[3, 10]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        log_p = np.log(p)
+        l0, l1 = log_p[:, :-1], log_p[:, 1:]
+        d = l1 - l0
+        small = np.abs(d) < 1e-8
+        h = np.diff(mdp.space.coords[:, 0])
+        plain = np.where(small, np.exp(0.5 * (l0 + l1)), (np.exp(l1) - np.exp(l0)) / np.where(small, 1.0, d)) * h
+        mass = regularity.cell_masses(mdp.space, log_p)
+        assert small.any() and np.array_equal(mass, plain, equal_nan=True)
+        log_g = bellman.log_gibbs(mdp, states[-1].evaluation.Q)[0]
+        for ref in (None, log_g):
+            shared = regularity.log_linear_fisher(mdp.space, log_p, ref, mass=mass)
+            alone = regularity.log_linear_fisher(mdp.space, log_p, ref)
+            assert all(np.array_equal(x, y, equal_nan=True) for x, y in zip(shared, alone))
+
+
+def test_vectorised_2d_ledger_quantities_equal_the_per_node_ones():
+    """2D actions: the patch fits by groups of equal patch size equal the per-node products, the closed-form 2x2
+    eigenvalues LAPACK's, and the vectorised log-linear Fisher information the per-state loop (round-off: sums over
+    a patch or the cells in another order; the patch pseudo-inverses amplify it ~100x)."""
+    space = rectangle_space((-2.0, -2.0), (2.0, 2.0), (6, 6))
+    b = space.coords
+    u = np.stack([-np.sum((b - c) ** 2, axis=1) / 0.6 + 0.3 * np.sin(3 * b[:, 0]) for c in (0.3, -0.8, 1.1)])
+    fits = regularity.patch_fits(space.coords, space.edges)
+    grad, hess = regularity.recovered_2d(fits, u)
+    per_node = regularity.PatchFits(nodes=fits.nodes, pinv=fits.pinv)  # no groups: one product per node
+    grad0, hess0 = regularity.recovered_2d(per_node, u)
+    assert np.allclose(grad, grad0, rtol=0, atol=1e-12 * np.abs(grad0).max())
+    assert np.allclose(hess, hess0, rtol=0, atol=1e-12 * np.abs(hess0).max())
+    eig = regularity.symmetric_2x2_eigenvalues(hess)
+    assert np.allclose(eig, np.linalg.eigvalsh(hess), rtol=0, atol=1e-14 * np.abs(hess).max())
+    linear = np.array([0.7, -1.3])
+    assert regularity.log_linear_fisher(space, (b @ linear)[None, :])[1][0] == pytest.approx(np.hypot(*linear),
+                                                                                             rel=1e-13)  # P1 exact
+    log_p = u - np.log(np.exp(u).sum(axis=1, keepdims=True))
+    fisher, sup = regularity.log_linear_fisher(space, log_p)
+    x = space.coords[space.cells]
+    e1, e2 = x[:, 1] - x[:, 0], x[:, 2] - x[:, 0]
+    det = e1[:, 0] * e2[:, 1] - e1[:, 1] * e2[:, 0]
+    for i in range(u.shape[0]):  # the plain per-state formula
+        v = log_p[i][space.cells]
+        g = np.linalg.solve(np.stack([e1, e2], axis=1), np.stack([v[:, 1] - v[:, 0], v[:, 2] - v[:, 0]], -1))
+        mass = 0.5 * np.abs(det) * np.exp(v).mean(axis=1)
+        assert fisher[i] == pytest.approx(float(np.sum((g ** 2).sum(-1) * mass)), rel=1e-12)
+        assert sup[i] == pytest.approx(float(np.sqrt((g ** 2).sum(-1).max())), rel=1e-12)
+
+
+def test_along_flow_check_reads_the_rows_memo(lqr, monkeypatch):
+    """The history row leaves the state's KL and D^h in ``state.memo``; the along-flow check of that state takes them
+    (no second pass) and its rates.csv row equals the row of a check that computes them itself, to round-off (the
+    flow's D^h is summed in edge order by the compiled kernel)."""
+    from solver.along_flow import LocalRates
+
+    problem, _ = lqr
+    flow = runner.make_flow(problem)
+    states = list(flows.trajectory(flow, bellman.uniform_policy(problem.mdp), 0.1))
+    from solver import along_flow
+
+    def no_second_pass(*args, **kwargs):
+        raise AssertionError("the check recomputed what the row's memo holds")
+
+    rows = []
+    for memo in (True, False):
+        check = LocalRates(problem)
+        for state in states[-2:]:
+            state.memo.clear()
+            with monkeypatch.context() as m:
+                if memo:
+                    diagnostics.record(flow, state, problem.J_star)
+                    assert set(state.memo) == {"kl", ("dissipation", "sg")}
+                    assert state.memo["kl"].shape == (problem.mdp.n_states,)
+                    m.setattr(diagnostics, "kl_to_gibbs", no_second_pass)
+                    m.setattr(along_flow, "dissipation", no_second_pass)
+                check.check(state)
+        rows.append(np.array(check.rows))
+    np.testing.assert_allclose(rows[0], rows[1], rtol=1e-12, atol=0)  # round-off of the two D^h sums
+
+
+def test_history_rows_reach_the_file_before_a_checkpoint(lqr, tmp_path, monkeypatch):
+    """HistoryCSV flushes by time (not per row); the checkpointer flushes it first, so history.csv always reaches
+    the checkpoint's step (what --resume needs)."""
+    from solver import observers
+    from solver.diagnostics import HISTORY_COLUMNS
+
+    problem, states = lqr
+    monkeypatch.setattr(observers, "FLUSH_SECONDS", math.inf)  # after the first row: only on request
+    history = observers.HistoryCSV(tmp_path)
+    history.start(problem)
+    for i in range(2):
+        history.observe({c: float(i) for c in HISTORY_COLUMNS}, states[i])
+    assert len((tmp_path / "history.csv").read_text().splitlines()) == 2  # the header and the first row
+    flow = runner.make_flow(problem)
+    flow.start(states[-1].p)
+    assert checkpoint.Checkpointer(tmp_path, problem.config, flow, [history], True)(states[-1], final=True)
+    assert len((tmp_path / "history.csv").read_text().splitlines()) == 3
+    history.finish(None)

@@ -15,7 +15,7 @@ goes on: for large state grids ``P^pi`` is the largest array of a step).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar, Iterator
 
 import numpy as np
@@ -38,6 +38,10 @@ class FlowState:
         evaluation: soft policy evaluation of ``p`` (``V``, ``Q`` and the resolvent for adjoint solves).
         g: ``(N, M)`` log Gibbs density ``Q / tau + log mu`` of ``Q`` (the potential of the next step).
         rejected: steps rejected by an adaptive controller before this one was accepted.
+        memo: statewise values of this state computed once and read again within the same step (this rank's
+            states): ``"kl"`` ``KL(pi_s || G_s)`` (the history row, :func:`solver.diagnostics.record`) and
+            ``("dissipation", scheme)`` ``D^h`` (the flow's :meth:`Flow.dissipation`), both taken by the
+            along-flow check (:class:`solver.along_flow.LocalRates`) of the same state.
     """
 
     step: int
@@ -47,6 +51,7 @@ class FlowState:
     evaluation: bellman.Evaluation
     g: np.ndarray
     rejected: int = 0
+    memo: dict = field(default_factory=dict, repr=False)
 
     def release(self) -> None:
         """Free the resolvent of the evaluation (its factorisation or ``P^pi``); ``V``, ``Q`` and ``p`` stay."""

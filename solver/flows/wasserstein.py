@@ -156,10 +156,11 @@ class Wasserstein(Flow):
         p, g = state.p[rows], state.g[rows]
         if 16 * g.shape[0] * mdp.space.edges.shape[0] > budget.SOLVE_CHUNK_BYTES:  # too large to keep: chunks
             self._rates = None
-            return self.partition.gather(dissipation(mdp, p, g, scheme))
-        # the evaluation's log p (serial runs) is that of this policy: the entropy of r^pi took it
-        rates, D = rates_and_dissipation(mdp, p, g, scheme, state.evaluation.log_p)
-        self._rates = (state, rates)  # the next step from this state uses the same rates (implicit_step)
+            D = dissipation(mdp, p, g, scheme)
+        else:  # the evaluation's log p (this rank's rows) is that of this policy: the entropy of r^pi took it
+            rates, D = rates_and_dissipation(mdp, p, g, scheme, state.evaluation.log_p)
+            self._rates = (state, rates)  # the next step from this state uses the same rates (implicit_step)
+        state.memo[("dissipation", scheme)] = D  # this rank's states, for the along-flow check
         return self.partition.gather(D)
 
     def predicted_rate(self, ell_min: float) -> float | None:
