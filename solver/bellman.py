@@ -338,7 +338,7 @@ def soft_bellman(mdp: MDP, V: np.ndarray) -> np.ndarray:
 def weigh(x: np.ndarray, w: np.ndarray) -> np.ndarray:
     """``x @ w`` (``(n, M) @ (M,)``, sums over the action DOFs) on one BLAS thread for ``n <= SMALL_BLAS_ROWS``.
 
-    The same BLAS matrix-vector product (each row's dot product does not depend on the thread count), without
+    The same BLAS matrix-vector product (to an ulp: the threaded kernel may split a row's sum differently), without
     waking OpenBLAS's second thread, which has gone to sleep between two steps: measured on lqr_1d (121 x 257,
     2 cores) ~0.2 ms per product with the wake-up, 5 us without.
     """

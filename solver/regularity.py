@@ -222,8 +222,8 @@ def log_linear_fisher(space, log_p: np.ndarray, log_ref: np.ndarray | None = Non
     e1, e2 = x[:, 1] - x[:, 0], x[:, 2] - x[:, 0]
     det = e1[:, 0] * e2[:, 1] - e1[:, 1] * e2[:, 0]
     # the P1 gradient g solves J g = (v1 - v0, v2 - v0) with the rows of J the edge vectors e1, e2:
-    # g = J^{-1} d, J^{-1} = [[e2_y, -e1_y], [-e2_x, e1_x]] / det (it was applied transposed before: the gradient of
-    # a linear function came out wrong on the sheared triangles, tests/test_observers_cost.py)
+    # g = J^{-1} d, J^{-1} = [[e2_y, -e1_y], [-e2_x, e1_x]] / det (exact for linear functions on any triangle,
+    # tests/test_observers_cost.py)
     inv = np.stack([np.stack([e2[:, 1], -e1[:, 1]], -1), np.stack([-e2[:, 0], e1[:, 0]], -1)], 1) / det[:, None, None]
     v0, v1, v2 = lp[:, cells[:, 0]], lp[:, cells[:, 1]], lp[:, cells[:, 2]]  # (N, C) each: all states at once
     with np.errstate(invalid="ignore", over="ignore"):
