@@ -255,7 +255,8 @@ def test_vectorised_2d_ledger_quantities_equal_the_per_node_ones():
     det = e1[:, 0] * e2[:, 1] - e1[:, 1] * e2[:, 0]
     for i in range(u.shape[0]):  # the plain per-state formula
         v = log_p[i][space.cells]
-        g = np.linalg.solve(np.stack([e1, e2], axis=1), np.stack([v[:, 1] - v[:, 0], v[:, 2] - v[:, 0]], -1))
+        d = np.stack([v[:, 1] - v[:, 0], v[:, 2] - v[:, 0]], -1)[..., None]  # (C, 2, 1): numpy 2 needs the column
+        g = np.linalg.solve(np.stack([e1, e2], axis=1), d)[..., 0]
         mass = 0.5 * np.abs(det) * np.exp(v).mean(axis=1)
         assert fisher[i] == pytest.approx(float(np.sum((g ** 2).sum(-1) * mass)), rel=1e-12)
         assert sup[i] == pytest.approx(float(np.sqrt((g ** 2).sum(-1).max())), rel=1e-12)
