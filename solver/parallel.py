@@ -302,7 +302,7 @@ def agree(error: ConfigError | None, comm) -> None:
 
 
 #: Compiled kernels are used from this many (state, DOF) pairs on. Importing numba costs ~0.5 s once per process;
-#: on lqr_1d (121 x 257 = 31097 pairs) they save ~0.65 ms per step (the chain solve 0.28 ms instead of 0.77, the
+#: on lqr_1d (121 x 257 = 31097 pairs) they save ~0.65 ms per step (the chain solve 0.20 ms instead of 0.74, the
 #: histogram of P^pi 0.24 instead of 0.40), so small problems and one-state bandits never import it.
 COMPILED_MIN_ENTRIES = 16384
 

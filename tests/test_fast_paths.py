@@ -244,11 +244,31 @@ def test_compiled_rates_and_dissipation_equal_numpy(small_well, monkeypatch):
         pytest.skip("numba is installed but cannot compile here")
     (fwd, bwd), D = fokker_planck.rates_and_dissipation(small_well, p, g, "sg", ev.log_p)
     reference = fokker_planck.edge_rates(small_well.space, g, small_well.tau)
-    np.testing.assert_array_equal(fwd, reference[0])  # the same operations (libm's expm1 in both)
-    np.testing.assert_array_equal(bwd, reference[1])
+    # the same operations; numpy's exp may be its own SIMD one, not libm's as in numba: an ulp
+    np.testing.assert_allclose(fwd, reference[0], rtol=4e-16, atol=0)
+    np.testing.assert_allclose(bwd, reference[1], rtol=4e-16, atol=0)
     # sums of ~40 positive terms in another order: round-off
     np.testing.assert_allclose(D, fokker_planck.dissipation(small_well, p, g, "sg", reference), rtol=1e-13)
     assert D.min() > 0
+
+
+def test_bernoulli_to_two_ulp_against_extended_precision():
+    """Series below BERNOULLI_SERIES_BELOW, x / (e^x - 1) above: the junction, tiny, large and negative x
+    against x / expm1(x) in x87 extended precision (64-bit mantissa: a reference 2^11 times finer)."""
+    if np.finfo(np.longdouble).eps > 1e-18:
+        pytest.skip("no extended precision long double here")
+    cut = fokker_planck.BERNOULLI_SERIES_BELOW
+    x = np.concatenate([np.linspace(0.0, 2.0, 4001), cut + np.array([-1e-15, 0.0, 1e-15]),
+                        np.logspace(-300, 2.8, 3000)])
+    x = np.concatenate([x, -x])
+    with np.errstate(invalid="ignore"):  # 0 / 0 at x = 0
+        reference = x.astype(np.longdouble) / np.expm1(x.astype(np.longdouble))
+    reference[x == 0] = 1.0
+    got = fokker_planck.bernoulli(x)
+    ulps = np.abs((got - reference) / reference).astype(float) / np.finfo(float).eps
+    assert ulps.max() <= 2.0, f"{ulps.max():.2f} ulp at x = {x[ulps.argmax()]:.17g}"
+    assert got[x == 0].tolist() == [1.0, 1.0]
+    np.testing.assert_array_equal(fokker_planck.bernoulli(np.array([800.0, -800.0])), [0.0, 800.0])  # no overflow
 
 
 def test_compiled_kernels_can_be_turned_off(monkeypatch):
