@@ -94,7 +94,7 @@ def cli_loop(problem, out: Path) -> tuple[float, int, dict[str, float], dict[str
     timed = [Timed(o) for o in observers]
     every = problem.config.output.checkpoint_every
     flow = runner.make_flow(problem)
-    checkpoint = TimedCheckpoint(Checkpointer(out, problem.config, flow, observers, True))
+    checkpoint = TimedCheckpoint(Checkpointer(out, problem.config, flow, observers))
     result = runner.run(problem, timed, flow=flow, checkpoint=checkpoint if every else None, checkpoint_every=every)
     steps = len(result.rows) - 1
     shares = {type(t.inner).__name__: t.seconds / result.loop_time for t in timed}

@@ -278,7 +278,11 @@ def plot(rows: list[dict], out: Path, note: str = "") -> None:
         ticks = sorted({int(v) for v in x_all})
         ax.set_xticks(ticks)
         ax.set_xticks([], minor=True)
-        ax.set_xticklabels([str(t) for t in ticks], rotation=45 if len(ticks) > 6 else 0, fontsize=8)
+        labels, low = [], False  # a label within 25% of the previous one goes one line lower (441 / 481)
+        for before, t in zip([None] + ticks, ticks):
+            low = before is not None and t < 1.25 * before and not low
+            labels.append(("\n" if low else "") + str(t))
+        ax.set_xticklabels(labels, fontsize=8)
         ax.set_xlabel({"N": "N, number of states (at fixed M)", "M": "M, action DOFs (at fixed N)"}[along])
         ax.set_title(f"cost per step against {along} at fixed {fixed}", fontsize=10)
         ax.grid(True, which="major", lw=0.3, alpha=0.6)

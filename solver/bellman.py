@@ -288,14 +288,12 @@ def evaluate(mdp: MDP, p: np.ndarray, partition=None) -> Evaluation:
         V = resolvent.solve(r_pi)
         return Evaluation(V=V, Q=q_values(mdp, V), resolvent=resolvent, log_p=log_p)
     dense = mdp.kernel.dense_policy_matrix(masses, rows)
-    if dense is not None:  # this rank's dense rows of the interpolated P^pi, gathered (N x N doubles)
-        resolvent = Resolvent(partition.gather(dense), mdp.gamma)
-        V = resolvent.solve(partition.gather(r_pi))
-    elif mdp.states.ndim == 2 and mdp.n_states > DENSE_STATES:  # serially GMRES: distributed instead of replicated
+    if dense is None and mdp.states.ndim == 2 and mdp.n_states > DENSE_STATES:  # serially GMRES: distributed
         resolvent = DistributedResolvent(mdp.kernel.policy_matrix(masses, rows), mdp.gamma, partition, mdp.rho)
         V = partition.gather(resolvent.solve_local(r_pi))
-    else:
-        resolvent = Resolvent(partition.gather_csr(mdp.kernel.policy_matrix(masses, rows)), mdp.gamma)
+    else:  # this rank's rows of P^pi (the interpolated dense ones, N x N doubles, or CSR), gathered and replicated
+        P = partition.gather_csr(mdp.kernel.policy_matrix(masses, rows)) if dense is None else partition.gather(dense)
+        resolvent = Resolvent(P, mdp.gamma)
         V = resolvent.solve(partition.gather(r_pi))
     Q = partition.gather(mdp.reward[rows] + mdp.gamma * mdp.kernel.expect(V, rows))
     return Evaluation(V=V, Q=Q, resolvent=resolvent, log_p=log_p)

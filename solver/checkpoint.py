@@ -114,8 +114,9 @@ class Checkpointer:
     collective observers' states are gathered).
     """
 
-    def __init__(self, out: Path, cfg: Config, flow: flows.Flow, observers: list[Observer], root: bool):
-        self.out, self.cfg, self.flow, self.observers, self.root = out, cfg, flow, observers, root
+    def __init__(self, out: Path, cfg: Config, flow: flows.Flow, observers: list[Observer]):
+        self.out, self.cfg, self.flow, self.observers = out, cfg, flow, observers
+        self.root = flow.partition.root
         # (wall time of the last checkpoint, seconds it took), on rank 0
         self._last: tuple[float, float] = (time.perf_counter(), 0.0)
         self.written = False  # a checkpoint of this run was written (then the wall-time rule applies)

@@ -68,8 +68,7 @@ def record(flow: Flow, state: FlowState, J_star: float, previous: dict | None = 
         min_density = float(p.min())
         log_p = ev.log_p if ev.log_p is not None and min_density >= TINY else None  # log max(p, tiny) = log p
         local = p[rows]
-        kl = kl_to_gibbs(mdp, local, state.g[rows], min_density > 0,
-                         None if log_p is None or log_p.shape != local.shape else log_p)
+        kl = kl_to_gibbs(mdp, local, state.g[rows], min_density > 0, log_p)  # log_p: this rank's rows
         state.memo["kl"] = kl  # for the along-flow check of this state
         mass_error = float(np.abs(p @ mdp.weights - 1.0).max())
         dissipation = predicted_dissipation(flow, state)

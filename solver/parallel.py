@@ -142,10 +142,9 @@ class Partition:
                              [indices, nnz, indptr[self.starts], MPI.INT64_T])
         return sp.csr_matrix((data, indices, indptr), shape=(self.n, block.shape[1]))
 
-    @_timed
     def max(self, value: float) -> float:
-        """Maximum of ``value`` over the ranks."""
-        return value if self.serial else self.comm.allreduce(value, op=_mpi().MAX)
+        """Maximum of the number ``value`` over the ranks (:meth:`reduce`)."""
+        return value if self.serial else float(self.reduce([value], "max")[0])
 
     @_timed
     def reduce(self, values, op: str = "sum") -> np.ndarray:

@@ -489,7 +489,7 @@ def run_and_write(cfg: Config, out: Path, force: bool = False, progress_bar: boo
         if resume_state is not None:
             observers = restore_observers(observers, resume_state)
         every = cfg.output.checkpoint_every
-        checkpoint = Checkpointer(out, cfg, flow, observers, root) if every else None
+        checkpoint = Checkpointer(out, cfg, flow, observers) if every else None
         result = run(problem, observers, flow=flow, p0=p0, resume=resume_state, checkpoint=checkpoint,
                      checkpoint_every=every)
         if not root:

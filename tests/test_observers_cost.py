@@ -81,7 +81,7 @@ def test_checkpoint_wall_time_rule(lqr, tmp_path, monkeypatch):
     flow = runner.make_flow(problem)
     flow.start(states[-1].p)
     state = states[-1]
-    ck = checkpoint.Checkpointer(tmp_path, problem.config, flow, [], True)
+    ck = checkpoint.Checkpointer(tmp_path, problem.config, flow, [])
     assert ck(state, final=False)  # small: every period
     monkeypatch.setattr(checkpoint, "CHECKPOINT_MIN_ENTRIES", state.p.size)  # now a large run
     ck._last = (time.perf_counter(), 0.0)  # the first checkpoint has just been written
@@ -308,6 +308,6 @@ def test_history_rows_reach_the_file_before_a_checkpoint(lqr, tmp_path, monkeypa
     assert len((tmp_path / "history.csv").read_text().splitlines()) == 2  # the header and the first row
     flow = runner.make_flow(problem)
     flow.start(states[-1].p)
-    assert checkpoint.Checkpointer(tmp_path, problem.config, flow, [history], True)(states[-1], final=True)
+    assert checkpoint.Checkpointer(tmp_path, problem.config, flow, [history])(states[-1], final=True)
     assert len((tmp_path / "history.csv").read_text().splitlines()) == 3
     history.finish(None)
