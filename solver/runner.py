@@ -361,8 +361,9 @@ def run_observers(problem: Problem, out: Path, progress_bar: bool = False,
     """The observers of a ``wpgflow run``: history, snapshots, the local-rate check, the progress bar.
 
     Under MPI (``partition`` of several ranks) rank 0 gets them all; another rank gets the collective ones
-    (:attr:`~solver.observers.Observer.collective`: the local-rate check, which splits its per-state work over
-    the ranks) and a base :class:`~solver.observers.Observer` in place of each of rank 0's own.
+    (:attr:`~solver.observers.Observer.collective`: the local-rate check and the hypothesis ledger, which split
+    their per-state work over the ranks) and a base :class:`~solver.observers.Observer` in place of each of rank 0's
+    own.
     """
     cfg, mdp = problem.config, problem.mdp
     schedule = (cfg.output.snapshots, cfg.flow.dt, cfg.flow.t_end)
@@ -375,10 +376,10 @@ def run_observers(problem: Problem, out: Path, progress_bar: bool = False,
         observers.append(along_flow.LocalRates(problem, schedule=Schedule(*schedule), out=out if root else None,
                                                partition=partition))
         observers.append(modes.WindowStart() if root else Observer())  # the policy whose modes predict the span
-    if root:
-        observers.append(ledger.Ledger(problem, Schedule(*schedule), out, peers=observers))  # hypotheses.csv
-        if progress_bar:
-            observers.append(Progress(cfg.flow.t_end))
+    observers.append(ledger.Ledger(problem, Schedule(*schedule), out if root else None, peers=observers,
+                                   partition=partition))  # hypotheses.csv; collective
+    if root and progress_bar:
+        observers.append(Progress(cfg.flow.t_end))
     return observers
 
 

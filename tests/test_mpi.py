@@ -87,9 +87,9 @@ def _history(path: Path) -> tuple[list[str], np.ndarray]:
     return rows[0], np.array(rows[1:], dtype=float)
 
 
-def _rates(path: Path) -> tuple[list[str], np.ndarray]:
-    """rates.csv's columns and its numeric columns (the text columns, such as a status, dropped)."""
-    with open(path / "rates.csv") as f:
+def _numeric(path: Path, name: str = "rates.csv") -> tuple[list[str], np.ndarray]:
+    """A results CSV's columns and its numeric columns (the text columns, such as a status, dropped)."""
+    with open(path / name) as f:
         rows = list(csv.reader(f))
     numeric = [j for j, value in enumerate(rows[1]) if _is_number(value)]
     return [rows[0][j] for j in numeric], np.array([[row[j] for j in numeric] for row in rows[1:]], dtype=float)
@@ -127,13 +127,16 @@ def test_mpirun_two_ranks_equals_serial(tmp_path, case):
     assert sorted(s.files) == sorted(m.files)
     for key in s.files:
         assert s[key].shape == m[key].shape and np.max(np.abs(s[key] - m[key])) <= TOLERANCE, key
-    # the local-rate check splits its states over the ranks (a collective observer): the same rates.csv
-    columns, a = _rates(tmp_path / "serial")
-    columns_mpi, b = _rates(tmp_path / "mpi")
-    assert columns == columns_mpi and a.shape == b.shape and a.shape[0] >= 3
-    assert np.array_equal(np.isnan(a), np.isnan(b))
-    scale = np.maximum(1.0, np.abs(np.nan_to_num(a)))  # rates and constants of order 1..1e2: relative 1e-10
-    assert np.nanmax(np.abs(a - b) / scale) <= TOLERANCE
+    # the local-rate check and the hypothesis ledger split their states over the ranks (collective observers):
+    # the same rates.csv and hypotheses.csv (one row per snapshot and state)
+    for name, rows in (("rates.csv", 3), ("hypotheses.csv", 3 * s["V_star"].size)):
+        columns, a = _numeric(tmp_path / "serial", name)
+        columns_mpi, b = _numeric(tmp_path / "mpi", name)
+        assert columns == columns_mpi and a.shape == b.shape and a.shape[0] >= rows, name
+        assert np.array_equal(np.isnan(a), np.isnan(b)) and np.array_equal(np.isinf(a), np.isinf(b)), name
+        finite = np.isfinite(a)
+        scale = np.maximum(1.0, np.abs(a[finite]))  # rates, constants and norms of order 1..1e3: relative 1e-10
+        assert np.max(np.abs(a[finite] - b[finite]) / scale) <= TOLERANCE, name
     summaries = [json.loads((tmp_path / d / "summary.json").read_text()) for d in ("serial", "mpi")]
     for key in ("certified_status", "local_rate_check", "continuum_vacuous_states"):
         assert summaries[0][key] == summaries[1][key], key
