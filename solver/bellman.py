@@ -160,11 +160,16 @@ def _gmres_rtol(rtol: float) -> dict:
 
 
 class DistributedResolvent:
-    """``I - gamma P^pi`` distributed over the state partition (MPI): a PETSc MPIAIJ matrix of which each rank
-    holds its own rows, solved by restarted GMRES (PETSc KSP, no preconditioner, like the serial Krylov path) to
-    :data:`KRYLOV_RTOL` on the true residual, or by MUMPS (:attr:`DIRECT`). Nothing of ``P^pi`` is gathered; a
-    solve gathers its ``N`` values. Used by :func:`evaluate` under MPI where a serial run would take GMRES (2D state
-    grids above :data:`DENSE_STATES` states), which every rank otherwise repeats on the whole gathered ``P^pi``.
+    """``I - gamma P^pi`` distributed over the state partition (MPI), solved by restarted GMRES (PETSc KSP, no
+    preconditioner, like the serial Krylov path) to :data:`KRYLOV_RTOL` on the true residual. Each rank keeps its
+    own rows of ``P^pi`` (scipy CSR) behind a PETSc shell matrix (:class:`_ShellOperator`): a product gathers the
+    ``N`` values of ``x`` (``Allgatherv``) and multiplies the own rows; a transposed product sums the ranks'
+    ``P_own^T x_own`` (``Allreduce`` of ``N`` doubles). Nothing of ``P^pi`` is communicated, and nothing is
+    assembled: an assembled MPIAIJ matrix cost more to build every step (~120 ms on 41 x 41 states, its
+    off-rank scatter set up again) than its GMRES solve. Used by :func:`evaluate` under MPI where a serial run
+    would take GMRES (2D state grids above :data:`DENSE_STATES` states), which every rank otherwise repeats on
+    the whole gathered ``P^pi``. (MUMPS on the assembled 2D band, ~900 non-zeros per row, took 2.6x the
+    replicated GMRES on 41 x 41 states and 2 ranks.)
 
     Solves are collective (every rank must call them), except the adjoint solve for ``rho``
     (:meth:`Evaluation.resolvent_adjoint`, used by rank 0's observers too): it is done once, collectively, at
@@ -179,36 +184,22 @@ class DistributedResolvent:
 
     method = "petsc"
 
-    #: MUMPS instead of GMRES. Measured on 41 x 41 states (2 ranks): MUMPS's factorisation of the 2D band
-    #: (~900 non-zeros per row) took 2.6x the replicated GMRES; unpreconditioned GMRES, like the serial path,
-    #: needs a few dozen products with the smoothing kernel and splits them over the ranks.
-    DIRECT = False
-
     def __init__(self, P: sp.csr_matrix, gamma: float, partition, rho: np.ndarray):
         from petsc4py import PETSc
 
         self._PETSc, self.partition, self.gamma = PETSc, partition, gamma
         n, rows = partition.n, partition.rows
         local = rows.stop - rows.start
-        A = (sp.eye(local, n, k=rows.start, format="csr") - gamma * P).tocsr()
-        A.sort_indices()
-        index = PETSc.IntType
-        self._A = PETSc.Mat().createAIJ(size=((local, n), (local, n)), comm=partition.comm,
-                                        csr=(A.indptr.astype(index), A.indices.astype(index), A.data))
-        self._A.assemble()
+        self._A = PETSc.Mat().createPython(((local, n), (local, n)), context=_ShellOperator(P, gamma, partition),
+                                           comm=partition.comm)
+        self._A.setUp()
         ksp = PETSc.KSP().create(partition.comm)
         ksp.setOperators(self._A)
-        pc = ksp.getPC()
-        if self.DIRECT and PETSc.Sys.hasExternalPackage("mumps"):
-            ksp.setType("preonly")
-            pc.setType("lu")
-            pc.setFactorSolverType("mumps")
-        else:  # as the serial Krylov path: restarted GMRES, no preconditioner, on the true residual
-            ksp.setType("gmres")
-            ksp.setGMRESRestart(50)
-            pc.setType("none")
-            ksp.setNormType(PETSc.KSP.NormType.UNPRECONDITIONED)
-            ksp.setTolerances(rtol=KRYLOV_RTOL, atol=0.0, max_it=5000)
+        ksp.setType("gmres")  # as the serial Krylov path: restarted GMRES, no preconditioner, on the true residual
+        ksp.setGMRESRestart(50)
+        ksp.getPC().setType("none")
+        ksp.setNormType(PETSc.KSP.NormType.UNPRECONDITIONED)
+        ksp.setTolerances(rtol=KRYLOV_RTOL, atol=0.0, max_it=5000)
         ksp.setUp()
         self._ksp = ksp
         self._rho = np.array(rho, dtype=float)
@@ -246,6 +237,22 @@ class DistributedResolvent:
                 raise RuntimeError("this Resolvent was released (a flow frees it when it takes the next step)")
             return self._adjoint.copy()
         return self.partition.gather(self.solve_local(np.asarray(b)[self.partition.rows], trans))
+
+
+class _ShellOperator:
+    """The petsc4py shell context of :class:`DistributedResolvent`: ``y = x - gamma P x`` and its transpose on
+    this rank's rows ``P`` (``(rows, N)`` CSR) of ``P^pi``."""
+
+    def __init__(self, P: sp.csr_matrix, gamma: float, partition):
+        self.P, self.gamma, self.partition = P, gamma, partition
+
+    def mult(self, mat, x, y) -> None:
+        own = x.getArray(readonly=True)
+        y.array[:] = own - self.gamma * (self.P @ self.partition.gather(own))
+
+    def multTranspose(self, mat, x, y) -> None:
+        own = x.getArray(readonly=True)
+        y.array[:] = own - self.gamma * self.partition.reduce(self.P.T @ own)[self.partition.rows]
 
 
 def _bandwidth(P: sp.csr_matrix) -> int:
