@@ -140,7 +140,8 @@ class StateConstants:
 
 
 def state_constants(mdp, Q: np.ndarray, scheme: str, ell: np.ndarray | None = None,
-                    around: np.ndarray | None = None, g: np.ndarray | None = None) -> StateConstants:
+                    around: np.ndarray | None = None, g: np.ndarray | None = None,
+                    log_pi_min: np.ndarray | None = None) -> StateConstants:
     """:class:`StateConstants` of ``G^Q_s`` at every state (vectorised over states, in chunks).
 
     The continuum bound takes the best of three families per state (:func:`solver.lsi.lower_bounds`); the
@@ -154,11 +155,12 @@ def state_constants(mdp, Q: np.ndarray, scheme: str, ell: np.ndarray | None = No
     state is first bounded by the split at its previous step alone (one convex minorant instead of three) and
     refined only if that bound is not above the smallest refined value (so about a third of the work along a
     flow, the same minimum). ``g``: the potentials ``potential(mdp, Q)`` if the caller has them (the Gibbs
-    log-densities up to a constant per state).
+    log-densities up to a constant per state). ``log_pi_min``: :func:`solver.lsi.log_min_masses` of ``g`` if the
+    caller has it (the gap tracker's).
     """
     ell = diagnostics.generator_gaps(mdp, Q, scheme) if ell is None else ell
     g = potential(mdp, Q) if g is None else g
-    log_pi_min = lsi.log_min_masses(mdp.space, g)
+    log_pi_min = lsi.log_min_masses(mdp.space, g) if log_pi_min is None else log_pi_min
     n = Q.shape[0]
     threshold = INFORMATIVE * ell / mdp.tau
     C_lo, method, _ = lsi.many_lower_bounds(mdp.space, g, np.zeros(n))  # cheap families only
@@ -315,7 +317,8 @@ class LocalRates(Observer):
         p, g = state.p[own], state.g[own]  # g: potential(Q)
         gap = J_star - float(mdp.rho @ ev.V)
         kappa = float(np.max(self.d_star / ((1.0 - mdp.gamma) * x)))
-        sc = state_constants(mdp, ev.Q[own], self.scheme, self.gaps(g), self._steps, g)
+        ell = self.gaps(g)
+        sc = state_constants(mdp, ev.Q[own], self.scheme, ell, self._steps, g, self.gaps.log_pi_min)
         previous = sc.kappa_step if self._steps is None else self._steps
         self._steps = np.where(sc.kappa_step >= 0, sc.kappa_step, previous)
         # Delta_s = tau KL(pi_s || G^pi_s) (the Bellman residual); J* - J <= y . Delta with y = d* / (1 - gamma)

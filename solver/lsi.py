@@ -935,6 +935,12 @@ def symmetrised_generator(space: ActionSpace, g: np.ndarray, tau: float,
     """``S = Pi^{1/2} (-L) Pi^{-1/2}`` of the generators of the potentials ``g (n, M)``: ``(diag (n, M), off (n, E))``,
     ``S_jj = sum_e q_e / pi_j``, ``S_jk = -q_e / sqrt(pi_j pi_k)`` from the logs (the symmetrisation edge by edge,
     as :func:`solver.diagnostics.generator_gaps`; nothing under- or overflows)."""
+    return _symmetrised(space, g, tau, scheme)[:2]
+
+
+def _symmetrised(space: ActionSpace, g: np.ndarray, tau: float,
+                 scheme: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`symmetrised_generator` and the ``log_pi (n, M)`` (:func:`log_stationary`) it was formed with."""
     if scheme not in ("sg", "sqra"):
         raise ValueError(f"unknown scheme {scheme!r} (allowed: sg, sqra)")
     g = np.atleast_2d(g)
@@ -947,9 +953,9 @@ def symmetrised_generator(space: ActionSpace, g: np.ndarray, tau: float,
         diag = np.zeros(g.shape)
         diag[:, :-1] = out_j
         diag[:, 1:] += out_k
-        return diag, off
+        return diag, off, log_pi
     inc_j, inc_k = space.incidences
-    return out_j @ inc_j + out_k @ inc_k, off
+    return out_j @ inc_j + out_k @ inc_k, off, log_pi
 
 
 #: The 2D gap solve factorises in band storage (reverse Cuthill-McKee order) while ``bandwidth^2 M`` is at most
@@ -1003,7 +1009,7 @@ _BANDS: dict[int, tuple[ActionSpace, Band]] = {}
 
 
 def deflated_gap(bd: Band, diag: np.ndarray, off: np.ndarray, log_pi: np.ndarray,
-                 v0: np.ndarray | None = None) -> tuple[float, np.ndarray] | None:
+                 v0: np.ndarray | None = None, ab: np.ndarray | None = None) -> tuple[float, np.ndarray] | None:
     """The generator gap from one banded Cholesky: ``lambda_1(S + c u u^T)`` with ``u = sqrt(pi)`` (unit norm).
 
     ``S`` (``diag (M,)``, ``off (E,)``, :func:`symmetrised_generator`) has the null vector ``u``; for any unit ``u``
@@ -1013,12 +1019,14 @@ def deflated_gap(bd: Band, diag: np.ndarray, off: np.ndarray, log_pi: np.ndarray
     eigenvalue of ``(S - sigma + c u u^T)^{-1}`` (``sigma = -1e-3 mean diag``, positive definite): ARPACK
     (Lanczos, ``k = 1``, started from ``v0``, the previous eigenvector) on the banded Cholesky factor of
     ``S - sigma`` with the Sherman-Morrison correction (two band solves per step, no null eigenvalue to find).
-    Cost ``O(M b^2)`` once plus ``O(M b)`` per Lanczos step. Returns ``(ell, eigenvector (M,))``, or None if the
-    Cholesky factorisation fails (the caller then takes the SuperLU route).
+    Cost ``O(M b^2)`` once plus ``O(M b)`` per Lanczos step. ``ab``: a ``(b + 1, M)`` workspace that is zero off
+    the band pattern (reused between calls).
+    Returns ``(ell, eigenvector (M,))``, or None if the Cholesky factorisation fails (the caller then takes the
+    SuperLU route).
     """
     m, b = diag.size, bd.width
     shift = -1e-3 * float(np.mean(diag))
-    ab = np.zeros((b + 1, m))
+    ab = np.zeros((b + 1, m)) if ab is None else ab
     ab[b, bd.inv] = diag - shift
     ab[bd.row, bd.col] = off
     try:
@@ -1030,13 +1038,13 @@ def deflated_gap(bd: Band, diag: np.ndarray, off: np.ndarray, log_pi: np.ndarray
     c = 2.0 * float(diag.max())
     w = sla.cho_solve_banded((factor, False), u, check_finite=False)  # A^{-1} u, A = S - sigma (symmetric)
     scale = c / (1.0 + c * float(u @ w))
+    start = None if v0 is None or not np.any(v0) else v0[bd.perm]
 
     def apply(x):
         x = np.ravel(x)
         return sla.cho_solve_banded((factor, False), x, check_finite=False) - w * (scale * float(w @ x))
 
     op = spla.LinearOperator((m, m), matvec=apply, dtype=float)
-    start = None if v0 is None or not np.any(v0) else v0[bd.perm]
     values, vectors = spla.eigsh(op, k=1, which="LM", tol=LANCZOS_TOL, ncv=min(m - 1, LANCZOS_VECTORS), v0=start)
     vector = np.empty(m)
     vector[bd.perm] = vectors[:, 0]
@@ -1107,6 +1115,92 @@ def _sturm_sweep(diag, off2, x, pivmin, count):
             count[s, c] = counts[c]
 
 
+#: A 2D state whose matrix ``S`` is that of an already solved state of the same call under a mesh automorphism
+#: (:func:`symmetries`) takes its gap minus the Gershgorin distance (Weyl) when that loses at most this fraction:
+#: mirror states of a symmetric problem (LQR: ``Q(s, a) = Q(-s, -a)``) agree to round-off, and the distance is
+#: 2e-12 to 7e-12 of ``ell`` on lqr_2d_action (the round-off of ``S``, not a change of the number).
+SYMMETRY_LOSS = 1e-10
+
+
+@dataclass(frozen=True)
+class Symmetries:
+    """Automorphisms of a mesh's edge graph from isometries of its bounding box (reflections, the point
+    reflection and, on a square box, the rotations and diagonal reflections) that map the DOFs onto DOFs:
+    ``nodes (K, M)``: node ``nodes[k, i]`` is the image of node ``i``; ``edges (K, E)``: the index of the image of
+    edge ``e`` (either orientation). ``K = 0`` for none. ``ends (M, E)``: sums edge values into both end nodes."""
+
+    nodes: np.ndarray
+    edges: np.ndarray
+    ends: sp.csr_matrix
+
+
+def symmetries(space: ActionSpace) -> Symmetries:
+    """The :class:`Symmetries` of ``space`` (2D meshes; computed once per action space object)."""
+    entry = _SYMMETRIES.get(id(space))
+    if entry is not None and entry[0] is space:
+        return entry[1]
+    a = np.asarray(space.coords, float)
+    m = space.n_dofs
+    nodes, edge_maps = [], []
+    if space.dim == 2 and m > 1:
+        lo, hi = a.min(axis=0), a.max(axis=0)
+        centre, size = 0.5 * (lo + hi), float(np.max(hi - lo))
+        x = a - centre
+        maps = [x * [-1.0, 1.0], x * [1.0, -1.0], -x]
+        if abs((hi - lo)[0] - (hi - lo)[1]) <= 1e-9 * size:  # a square: the rest of the dihedral group
+            maps += [x[:, ::-1], -x[:, ::-1], x[:, ::-1] * [-1.0, 1.0], x[:, ::-1] * [1.0, -1.0]]
+        quantum = 1e-7 * size  # nodes are identified to 1e-7 of the box (mesh coordinates carry round-off)
+        index = {tuple(k): i for i, k in enumerate(np.round(x / quantum).astype(np.int64).tolist())}
+        j, k = space.edges[:, 0], space.edges[:, 1]
+        lo_e, hi_e = np.minimum(j, k), np.maximum(j, k)
+        edge_index = {key: e for e, key in enumerate(zip(lo_e.tolist(), hi_e.tolist()))}
+        for image in maps:
+            p = np.array([index.get(tuple(q), -1) for q in np.round(image / quantum).astype(np.int64).tolist()])
+            if np.any(p < 0) or np.unique(p).size != m or np.array_equal(p, np.arange(m)):
+                continue
+            pj, pk = p[j], p[k]
+            pe = np.array([edge_index.get(key, -1) for key in zip(np.minimum(pj, pk).tolist(),
+                                                                 np.maximum(pj, pk).tolist())])
+            if np.all(pe >= 0) and np.unique(pe).size == pe.size:
+                nodes.append(p)
+                edge_maps.append(pe)
+    e = space.edges.shape[0]
+    inc_j, inc_k = space.incidences
+    result = Symmetries(nodes=np.array(nodes, dtype=np.int64).reshape(-1, m),
+                        edges=np.array(edge_maps, dtype=np.int64).reshape(-1, e), ends=(inc_j + inc_k).T.tocsr())
+    _SYMMETRIES[id(space)] = (space, result)
+    return result
+
+
+_SYMMETRIES: dict[int, tuple[ActionSpace, Symmetries]] = {}
+
+
+def _mirror_partners(space: ActionSpace, diag: np.ndarray, off: np.ndarray,
+                     todo: np.ndarray) -> list[tuple[int, int, np.ndarray, float]]:
+    """``(s, t, nodes, distance)`` for states ``s`` of ``todo`` whose ``S_s`` is close to ``P S_t P^T`` for another
+    state ``t`` of ``todo`` (the first of its group) and an automorphism ``P`` (:func:`symmetries`; ``nodes`` its node
+    map): ``distance`` the Gershgorin bound of ``||S_s - P S_t P^T||_2`` for the automorphism whose diagonal is
+    closest.
+    Candidates are the states with equal permutation-invariant sums of ``diag`` and ``|off|`` (to 1e-9)."""
+    sym = symmetries(space)
+    if not sym.nodes.shape[0] or todo.size < 2:
+        return []
+    keys = np.stack([diag[todo].sum(axis=1), np.abs(off[todo]).sum(axis=1)], axis=1)
+    order = todo[np.lexsort((keys[:, 1], keys[:, 0]))]
+    key = dict(zip(todo.tolist(), keys.tolist()))
+    pairs, head = [], int(order[0])
+    for s in (int(i) for i in order[1:]):
+        ks, kt = key[s], key[head]
+        if not all(abs(x - y) <= 1e-9 * max(abs(x), abs(y)) for x, y in zip(ks, kt)):
+            head = s  # a new group
+            continue
+        on_diag = np.abs(diag[s][None, :] - diag[head][sym.nodes])  # (K, M)
+        best = int(np.argmin(on_diag.max(axis=1)))  # the automorphism that matches the diagonals
+        rows = on_diag[best] + sym.ends @ np.abs(off[s] - off[head][sym.edges[best]])
+        pairs.append((s, head, sym.nodes[best], float(rows.max())))
+    return pairs
+
+
 def gap_lower_bounds(space: ActionSpace, g: np.ndarray, tau: float, scheme: str = "sg",
                      previous: np.ndarray | None = None, vectors: np.ndarray | None = None,
                      reference: tuple | None = None) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
@@ -1120,6 +1214,10 @@ def gap_lower_bounds(space: ActionSpace, g: np.ndarray, tau: float, scheme: str 
       computed): Weyl's inequality ``lambda_2(S) >= lambda_2(S_ref) - ||S - S_ref||_2`` with the Gershgorin bound of
       ``||S - S_ref||_2`` (largest absolute row sum); accepted when it loses at most :data:`WEYL_LOSS`, else
       recomputed (so near the optimum, where ``Q`` barely moves, no eigen-solve is needed).
+    * 2D, among the states to recompute: a state whose ``S`` is the mirror image ``P S_t P^T`` of another one's
+      under a mesh automorphism (:func:`symmetries`, :func:`_mirror_partners`; the mirror states of a symmetric
+      problem) takes ``ell_t - ||S - P S_t P^T||`` (Weyl, Gershgorin) when that loses at most
+      :data:`SYMMETRY_LOSS` (round-off), and ``P`` applied to ``t``'s eigenvector: half the eigen-solves on LQR.
     * Otherwise: ``(1 - GAP_SAFETY)`` times the eigensolver's gap: LAPACK bisection on the tridiagonal matrix
       (1D); on 2D meshes :func:`deflated_gap` (one banded Cholesky in reverse Cuthill-McKee order, Lanczos for the
       one eigenvalue of the rank-one deflated ``S + c sqrt(pi) sqrt(pi)^T``, a lower bound of ``ell`` by
@@ -1129,9 +1227,17 @@ def gap_lower_bounds(space: ActionSpace, g: np.ndarray, tau: float, scheme: str 
       eigen-solves run on one BLAS thread (:func:`solver.parallel.single_threaded_blas`).
 
     Returns:
-        ``(ell_lo (n,), eigenvectors (n, M) of S for 2D meshes or None, recomputed (n,) bool)``.
+        ``(ell_lo (n,), eigenvectors (n, M) of S for 2D meshes or None, recomputed (n,) bool)``; ``recomputed``:
+        the states whose gap was eigen-solved.
     """
-    diag, off = symmetrised_generator(space, g, tau, scheme)
+    return _gap_bounds(space, g, tau, scheme, previous, vectors, reference)[:3]
+
+
+def _gap_bounds(space: ActionSpace, g: np.ndarray, tau: float, scheme: str, previous: np.ndarray | None,
+                vectors: np.ndarray | None, reference: tuple | None) -> tuple:
+    """:func:`gap_lower_bounds`, the symmetrised ``(diag, off)`` of ``g`` (the Weyl reference of a first call) and
+    ``log pi_* (n,)`` (:func:`log_min_masses`, the same values)."""
+    diag, off, log_pi = _symmetrised(space, g, tau, scheme)
     n, m = diag.shape
     out = np.full(n, np.nan)
     chain = space.is_chain
@@ -1154,9 +1260,18 @@ def gap_lower_bounds(space: ActionSpace, g: np.ndarray, tau: float, scheme: str 
     new_vectors = None if chain else (np.zeros((n, m)) if vectors is None else vectors.copy())
     bd = band(space) if not chain and m > 64 and todo.size else None
     banded = bd is not None and bd.width ** 2 * m <= BAND_WORK
-    log_pi = log_stationary(space, g) if banded else None
+    ab = np.zeros((bd.width + 1, m)) if banded else None  # the band pattern is the same for every state
+    pairs = [] if chain else _mirror_partners(space, diag, off, todo)
+    mirrored = {s for s, *_ in pairs}
+    solved = [s for s in todo if s not in mirrored]
     with single_threaded_blas():  # small band and LAPACK calls: two BLAS threads only add synchronisation
-        for s in todo:
+        for s, t, nodes, distance in [(s, None, None, None) for s in solved] + pairs:
+            if t is not None:  # Weyl against the mirror image of a state solved above
+                weyl = out[t] - distance
+                if np.isfinite(weyl) and distance <= SYMMETRY_LOSS * out[t]:
+                    out[s], new_vectors[s] = weyl, new_vectors[t][nodes]
+                    continue
+                solved.append(s)
             if chain:
                 value = sla.eigh_tridiagonal(diag[s], off[s], select="i", select_range=(1, 1), eigvals_only=True)[0]
             elif m <= 64:
@@ -1166,17 +1281,17 @@ def gap_lower_bounds(space: ActionSpace, g: np.ndarray, tau: float, scheme: str 
                 value, new_vectors[s] = values[0], vecs[:, 0]
             else:
                 v0 = vectors[s] if vectors is not None and np.any(vectors[s]) else None
-                found = deflated_gap(bd, diag[s], off[s], log_pi[s], v0) if banded else None
+                found = deflated_gap(bd, diag[s], off[s], log_pi[s], v0, ab) if banded else None
                 if found is None:
                     found = _superlu_gap(diag[s], off[s], j, k, v0)
                 value, new_vectors[s] = found
             out[s] = (1.0 - GAP_SAFETY) * value
     recomputed = np.zeros(n, bool)
-    recomputed[todo] = True
+    recomputed[np.array(solved, dtype=np.int64)] = True
     if reference is not None and not chain:  # keep the reference of the accepted states, update the others
         d_ref, o_ref, ell_ref = reference
         d_ref[todo], o_ref[todo], ell_ref[todo] = diag[todo], off[todo], out[todo]
-    return out, new_vectors, recomputed
+    return out, new_vectors, recomputed, diag, off, log_pi.min(axis=1)
 
 
 def _superlu_gap(diag: np.ndarray, off: np.ndarray, j: np.ndarray, k: np.ndarray,
@@ -1195,13 +1310,15 @@ def _superlu_gap(diag: np.ndarray, off: np.ndarray, j: np.ndarray, k: np.ndarray
 class GapTracker:
     """Certified lower bounds of the generator gaps along a flow (:func:`gap_lower_bounds`, warm-started from
     the previous call: its gaps in 1D; in 2D its eigenvectors and, while ``N (M + E)`` doubles fit in
-    :data:`REFERENCE_BYTES`, the reference matrices of Weyl's inequality)."""
+    :data:`REFERENCE_BYTES`, the reference matrices of Weyl's inequality; the mirror states of a call share one
+    eigen-solve, :func:`symmetries`)."""
 
     def __init__(self, space: ActionSpace, tau: float, scheme: str = "sg"):
         self.space, self.tau, self.scheme = space, tau, scheme
         self.previous = self.vectors = None
         self.reference = None  # 2D: (diag (N, M), off (N, E), ell (N,)) at which ell was computed
         self.recomputed = 0  # eigen-solves done by the last call
+        self.log_pi_min = None  # log pi_* (N,) of the last call's potentials (log_min_masses)
 
     def __call__(self, g: np.ndarray) -> np.ndarray:
         """``ell_lo (N,)`` for the potentials ``g (N, M)`` (in chunks of states)."""
@@ -1209,14 +1326,15 @@ class GapTracker:
         space = self.space
         keep = not space.is_chain and 16 * n * (space.n_dofs + space.edges.shape[0]) <= REFERENCE_BYTES
         parts = budget.chunks(n, 64 * (space.edges.shape[0] + space.n_dofs))
-        ell, vectors, references, recomputed = [], [], [], 0
+        ell, vectors, references, recomputed, log_pi_min = [], [], [], 0, []
         for part in parts:
             prev = None if self.previous is None else self.previous[part]
             vec = None if self.vectors is None else self.vectors[part]
             ref = None if not keep or self.reference is None else tuple(r[part].copy() for r in self.reference)
-            e, v, done = gap_lower_bounds(space, g[part], self.tau, self.scheme, prev, vec, ref)
+            e, v, done, diag, off, low = _gap_bounds(space, g[part], self.tau, self.scheme, prev, vec, ref)
+            log_pi_min.append(low)
             if keep and ref is None:  # every state was computed: its matrices are the reference
-                ref = (*symmetrised_generator(space, g[part], self.tau, self.scheme), e.copy())
+                ref = (diag, off, e.copy())
             references.append(ref)
             ell.append(e)
             vectors.append(v)
@@ -1225,4 +1343,5 @@ class GapTracker:
         self.previous = np.concatenate(ell)
         self.vectors = None if vectors[0] is None else np.concatenate(vectors)
         self.recomputed = recomputed
+        self.log_pi_min = np.concatenate(log_pi_min)
         return self.previous

@@ -163,3 +163,47 @@ def test_sturm_counts_and_warm_started_gaps_are_certified_lower_bounds():
     log_q = lsi.log_conductances(square, g2d, 0.5)[0]
     truth = lsi.chain_gap(lsi.log_stationary(square, g2d)[0], square.edges, log_q)[0]
     assert ell[0] <= truth and ell[0] == pytest.approx(truth, rel=2e-6)
+
+
+def _dense_gaps(space, g, tau):
+    diag, off = lsi.symmetrised_generator(space, g, tau)
+    j, k = space.edges[:, 0], space.edges[:, 1]
+    out = []
+    for s in range(g.shape[0]):
+        S = np.diag(diag[s])
+        S[j, k] = S[k, j] = off[s]
+        out.append(np.linalg.eigvalsh(S)[1])
+    return np.array(out)
+
+
+def test_mirror_states_share_one_solve_and_stay_certified():
+    """2D: a state whose potential is the point reflection (or an axis reflection) of another's takes that one's
+    gap minus the Weyl-Gershgorin distance (one eigen-solve for the pair), within 1e-10 of its own gap and below the
+    dense gap; a state that is not a mirror image (perturbed) is solved; symmetries are mesh automorphisms."""
+    space = rectangle_space((-2.0, -2.0), (2.0, 2.0), (10, 10))
+    sym = lsi.symmetries(space)
+    assert sym.nodes.shape[0] == 7  # a square: the dihedral group without the identity
+    edges = {tuple(e) for e in np.sort(space.edges, axis=1).tolist()}
+    centre = 0.5 * (space.coords.min(axis=0) + space.coords.max(axis=0))
+    for p, pe in zip(sym.nodes, sym.edges):
+        image = {tuple(e) for e in np.sort(p[space.edges], axis=1).tolist()}
+        assert image == edges and np.array_equal(np.sort(p[space.edges], axis=1), np.sort(space.edges[pe], axis=1))
+        d = np.linalg.norm(space.coords - centre, axis=1)
+        assert np.allclose(d[p], d)  # an isometry about the centre
+    b = space.coords
+    g0 = -np.sum((b - [0.4, -0.2]) ** 2 * [1.0, 1.6], axis=1) / 0.6 + 0.3 * np.sin(3 * b[:, 0] + b[:, 1])
+    point, flip_x = sym.nodes[2], sym.nodes[0]  # -x and (-x0, x1)
+    g = np.stack([g0, g0[point], g0[flip_x] + 0.7, g0 + 1e-3 * np.cos(5 * b[:, 1])])
+    ell, vectors, recomputed = lsi.gap_lower_bounds(space, g, 0.5)
+    exact = _dense_gaps(space, g, 0.5)
+    assert np.all(ell <= exact) and np.allclose(ell, (1 - lsi.GAP_SAFETY) * exact, rtol=1e-10)
+    assert recomputed[:3].sum() == 1 and recomputed[3]  # one solve for the three mirror images
+    diag, off = lsi.symmetrised_generator(space, g, 0.5)
+    j, k = space.edges[:, 0], space.edges[:, 1]
+    for s in range(4):  # the mapped eigenvectors are eigenvectors (the tracker's next warm starts)
+        S = np.diag(diag[s])
+        S[j, k] = S[k, j] = off[s]
+        assert np.linalg.norm(S @ vectors[s] - exact[s] * vectors[s]) <= 1e-8 * exact[s]
+    tracker = lsi.GapTracker(space, 0.5)  # the tracker (and its Weyl reference) with mirror states
+    assert np.allclose(tracker(g), ell, rtol=1e-12) and tracker.recomputed == 2
+    assert np.array_equal(tracker.reference[2], tracker.previous)

@@ -114,7 +114,7 @@ class Wasserstein(Flow):
         if adaptive is not None:
             self._previous = increment, h
         self._masses = masses
-        return self.partition.gather(masses) / mdp.space.weights, t_new, rejected
+        return self.partition.gather(masses / mdp.space.weights), t_new, rejected  # own rows divided
 
     def _step(self, state: FlowState, h: float) -> np.ndarray:
         """This rank's masses after a step of size ``h`` from ``state`` (its potential on this rank's rows)."""
