@@ -246,7 +246,8 @@ class LocalRates(Observer):
         self.rows: list[tuple] = []
         self.vacuous: set[int] = set()
         self._steps = None  # best kappa-split step per own state at the last check (warm start)
-        self.gaps = lsi.GapTracker(problem.mdp.space, problem.mdp.tau, self.scheme)  # certified ell_s, warm-started
+        # certified ell_s, warm-started; on 2D meshes under MPI shared by the ranks (all states, the solves dealt out)
+        self.gaps = lsi.GapTracker(problem.mdp.space, problem.mdp.tau, self.scheme, self.partition)
 
     def observe(self, row: dict, state) -> None:
         if self.schedule is None or self.schedule.due(state.t):
@@ -278,16 +279,19 @@ class LocalRates(Observer):
         data = {"rows": np.array(self.rows, dtype=float).reshape(len(self.rows), len(RATES_COLUMNS)),
                 "vacuous": np.array(sorted(self.vacuous), dtype=np.int64),
                 "last_t": np.array(math.nan if self._last_t is None else self._last_t)}
-        gather = self.partition.gather  # collective under MPI: the warm starts are this rank's states
+        # collective under MPI: the warm starts are this rank's states (all states, the same on every rank, when the
+        # gap tracker is shared)
+        gather = self.partition.gather
+        tracked = (lambda value: value) if self.gaps.shared else gather
         if self._steps is not None:
             data["steps"] = gather(self._steps).astype(np.int64)
         for name in ("previous", "vectors"):
             value = getattr(self.gaps, name)
             if value is not None:
-                data[f"gaps_{name}"] = gather(value)
+                data[f"gaps_{name}"] = tracked(value)
         if self.gaps.reference is not None:
             for name, value in zip(("diag", "off", "ell"), self.gaps.reference):
-                data[f"gaps_reference_{name}"] = gather(value)
+                data[f"gaps_reference_{name}"] = tracked(value)
         return data
 
     def restore_state(self, data: dict) -> None:
@@ -299,11 +303,12 @@ class LocalRates(Observer):
         own = self.partition.rows
         if "steps" in data:
             self._steps = np.asarray(data["steps"], dtype=int)[own]
+        tracked = slice(None) if self.gaps.shared else own  # a shared gap tracker holds every state
         for name in ("previous", "vectors"):
             if f"gaps_{name}" in data:
-                setattr(self.gaps, name, np.array(np.asarray(data[f"gaps_{name}"], dtype=float)[own]))
+                setattr(self.gaps, name, np.array(np.asarray(data[f"gaps_{name}"], dtype=float)[tracked]))
         if "gaps_reference_ell" in data:
-            self.gaps.reference = tuple(np.array(np.asarray(data[f"gaps_reference_{name}"], dtype=float)[own])
+            self.gaps.reference = tuple(np.array(np.asarray(data[f"gaps_reference_{name}"], dtype=float)[tracked])
                                         for name in ("diag", "off", "ell"))
 
     def check(self, state) -> None:
@@ -317,8 +322,11 @@ class LocalRates(Observer):
         p, g = state.p[own], state.g[own]  # g: potential(Q)
         gap = J_star - float(mdp.rho @ ev.V)
         kappa = float(np.max(self.d_star / ((1.0 - mdp.gamma) * x)))
-        ell = self.gaps(g)
-        sc = state_constants(mdp, ev.Q[own], self.scheme, ell, self._steps, g, self.gaps.log_pi_min)
+        if self.gaps.shared:  # collective: every state on every rank, the eigen-solves dealt out
+            ell, log_pi_min = self.gaps(state.g)[own], self.gaps.log_pi_min[own]
+        else:
+            ell, log_pi_min = self.gaps(g), self.gaps.log_pi_min
+        sc = state_constants(mdp, ev.Q[own], self.scheme, ell, self._steps, g, log_pi_min)
         previous = sc.kappa_step if self._steps is None else self._steps
         self._steps = np.where(sc.kappa_step >= 0, sc.kappa_step, previous)
         # Delta_s = tau KL(pi_s || G^pi_s) (the Bellman residual); J* - J <= y . Delta with y = d* / (1 - gamma)

@@ -1234,9 +1234,14 @@ def gap_lower_bounds(space: ActionSpace, g: np.ndarray, tau: float, scheme: str 
 
 
 def _gap_bounds(space: ActionSpace, g: np.ndarray, tau: float, scheme: str, previous: np.ndarray | None,
-                vectors: np.ndarray | None, reference: tuple | None) -> tuple:
+                vectors: np.ndarray | None, reference: tuple | None, share=None) -> tuple:
     """:func:`gap_lower_bounds`, the symmetrised ``(diag, off)`` of ``g`` (the Weyl reference of a first call) and
-    ``log pi_* (n,)`` (:func:`log_min_masses`, the same values)."""
+    ``log pi_* (n,)`` (:func:`log_min_masses`, the same values).
+
+    ``share``: a :class:`solver.parallel.Partition` of several ranks, every rank calling with the same arguments
+    (all states): the eigen-solves are dealt out over the ranks (rank ``r`` solves every ``K``-th) and their values
+    and eigenvectors summed over the ranks (``Allreduce``), so that each rank returns the serial result while
+    solving ``1/K`` of the states (mirror pairs across the ranks' blocks of states included)."""
     diag, off, log_pi = _symmetrised(space, g, tau, scheme)
     n, m = diag.shape
     out = np.full(n, np.nan)
@@ -1264,14 +1269,19 @@ def _gap_bounds(space: ActionSpace, g: np.ndarray, tau: float, scheme: str, prev
     pairs = [] if chain else _mirror_partners(space, diag, off, todo)
     mirrored = {s for s, *_ in pairs}
     solved = [s for s in todo if s not in mirrored]
+    heads = solved if share is None else solved[share.rank::share.size]  # this rank's share of the solves
     with single_threaded_blas():  # small band and LAPACK calls: two BLAS threads only add synchronisation
-        for s, t, nodes, distance in [(s, None, None, None) for s in solved] + pairs:
+        for s, t, nodes, distance in [(s, None, None, None) for s in heads] + [(None,) * 4] + pairs:
+            if s is None:  # the solves dealt out are done: every rank gets all of them
+                if share is not None and solved:
+                    _share_solves(share, solved, out, new_vectors)
+                continue
             if t is not None:  # Weyl against the mirror image of a state solved above
                 weyl = out[t] - distance
                 if np.isfinite(weyl) and distance <= SYMMETRY_LOSS * out[t]:
                     out[s], new_vectors[s] = weyl, new_vectors[t][nodes]
                     continue
-                solved.append(s)
+                solved.append(s)  # (every rank solves it: the same pairs on every rank)
             if chain:
                 value = sla.eigh_tridiagonal(diag[s], off[s], select="i", select_range=(1, 1), eigvals_only=True)[0]
             elif m <= 64:
@@ -1294,6 +1304,17 @@ def _gap_bounds(space: ActionSpace, g: np.ndarray, tau: float, scheme: str, prev
     return out, new_vectors, recomputed, diag, off, log_pi.min(axis=1)
 
 
+def _share_solves(share, solved: list[int], out: np.ndarray, vectors: np.ndarray | None) -> None:
+    """``out[solved]`` and ``vectors[solved]`` summed over the ranks, each rank having solved every ``K``-th (the
+    others' entries taken as 0): one ``Allreduce`` of the gaps and one of the eigenvectors."""
+    idx = np.asarray(solved, dtype=np.int64)
+    mine = np.zeros(idx.size, bool)
+    mine[share.rank::share.size] = True
+    out[idx] = share.reduce(np.where(mine, out[idx], 0.0))
+    if vectors is not None:
+        vectors[idx] = share.reduce(np.where(mine[:, None], vectors[idx], 0.0))
+
+
 def _superlu_gap(diag: np.ndarray, off: np.ndarray, j: np.ndarray, k: np.ndarray,
                  v0: np.ndarray | None) -> tuple[float, np.ndarray]:
     """``ell`` and its eigenvector by ARPACK shift-invert just below 0 on the sparse ``S`` (SuperLU): the two
@@ -1311,17 +1332,29 @@ class GapTracker:
     """Certified lower bounds of the generator gaps along a flow (:func:`gap_lower_bounds`, warm-started from
     the previous call: its gaps in 1D; in 2D its eigenvectors and, while ``N (M + E)`` doubles fit in
     :data:`REFERENCE_BYTES`, the reference matrices of Weyl's inequality; the mirror states of a call share one
-    eigen-solve, :func:`symmetries`)."""
+    eigen-solve, :func:`symmetries`).
 
-    def __init__(self, space: ActionSpace, tau: float, scheme: str = "sg"):
+    ``share``: the MPI partition of the states. On a 2D mesh under several ranks the tracker is *shared*
+    (:attr:`shared`): every rank calls it with the potentials of all states, the eigen-solves are dealt out over
+    the ranks (:func:`_gap_bounds`), and its gaps, eigenvectors and Weyl reference are those of all states on every
+    rank (the serial ones), so that the mirror partners of a symmetric problem, which lie in other ranks' blocks of
+    states, still share one solve. Otherwise each rank tracks its own states."""
+
+    def __init__(self, space: ActionSpace, tau: float, scheme: str = "sg", share=None):
         self.space, self.tau, self.scheme = space, tau, scheme
+        self.share = share if share is not None and not share.serial and not space.is_chain else None
         self.previous = self.vectors = None
         self.reference = None  # 2D: (diag (N, M), off (N, E), ell (N,)) at which ell was computed
         self.recomputed = 0  # eigen-solves done by the last call
         self.log_pi_min = None  # log pi_* (N,) of the last call's potentials (log_min_masses)
 
+    @property
+    def shared(self) -> bool:
+        """Whether the ranks share the tracker (all states on every rank, the solves dealt out)."""
+        return self.share is not None
+
     def __call__(self, g: np.ndarray) -> np.ndarray:
-        """``ell_lo (N,)`` for the potentials ``g (N, M)`` (in chunks of states)."""
+        """``ell_lo (N,)`` for the potentials ``g (N, M)`` (in chunks of states; collective when :attr:`shared`)."""
         n = g.shape[0]
         space = self.space
         keep = not space.is_chain and 16 * n * (space.n_dofs + space.edges.shape[0]) <= REFERENCE_BYTES
@@ -1331,7 +1364,7 @@ class GapTracker:
             prev = None if self.previous is None else self.previous[part]
             vec = None if self.vectors is None else self.vectors[part]
             ref = None if not keep or self.reference is None else tuple(r[part].copy() for r in self.reference)
-            e, v, done, diag, off, low = _gap_bounds(space, g[part], self.tau, self.scheme, prev, vec, ref)
+            e, v, done, diag, off, low = _gap_bounds(space, g[part], self.tau, self.scheme, prev, vec, ref, self.share)
             log_pi_min.append(low)
             if keep and ref is None:  # every state was computed: its matrices are the reference
                 ref = (diag, off, e.copy())
