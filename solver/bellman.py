@@ -351,10 +351,15 @@ def weigh(x: np.ndarray, w: np.ndarray) -> np.ndarray:
         return x @ w
 
 
+#: The floor of :func:`policy_log`, the smallest normal double: ``policy_log(p)`` is ``log p`` exactly where
+#: ``p >= LOG_FLOOR`` (so consumers of :attr:`Evaluation.log_p` can tell where it is the true logarithm).
+LOG_FLOOR = float(np.finfo(float).tiny)
+
+
 def policy_log(p: np.ndarray) -> np.ndarray:
-    """``log max(p, tiny)`` (``tiny`` the smallest normal double): the logarithm of a density with
-    ``p log p = 0`` at ``p = 0`` (``0 * log tiny = 0``), shared by the entropy and the dissipation."""
-    return np.log(np.maximum(p, np.finfo(float).tiny))
+    """``log max(p, LOG_FLOOR)``: the logarithm of a density with ``p log p = 0`` at ``p = 0``
+    (``0 * log tiny = 0``), shared by the entropy and the dissipation."""
+    return np.log(np.maximum(p, LOG_FLOOR))
 
 
 def kl_divergence(mdp: MDP, p: np.ndarray, log_q: np.ndarray, log_p: np.ndarray | None = None) -> np.ndarray:

@@ -29,6 +29,7 @@ import scipy.sparse as sp
 import scipy.sparse.linalg as spla
 
 from . import budget
+from .bellman import LOG_FLOOR
 from .flows.base import Flow, FlowState, potential
 from .flows.fokker_planck import symmetric_generator
 from .mdp import MDP
@@ -66,7 +67,7 @@ def record(flow: Flow, state: FlowState, J_star: float, previous: dict | None = 
     with single_threaded_blas(p.shape[0]):
         J = float(mdp.rho @ ev.V)
         min_density = float(p.min())
-        log_p = ev.log_p if ev.log_p is not None and min_density >= TINY else None  # log max(p, tiny) = log p
+        log_p = ev.log_p if ev.log_p is not None and min_density >= LOG_FLOOR else None  # log max(p, tiny) = log p
         local = p[rows]
         kl = kl_to_gibbs(mdp, local, state.g[rows], min_density > 0, log_p)  # log_p: this rank's rows
         state.memo["kl"] = kl  # for the along-flow check of this state
@@ -85,11 +86,6 @@ def record(flow: Flow, state: FlowState, J_star: float, previous: dict | None = 
     }
 
 
-#: The smallest normal double: :func:`solver.bellman.policy_log` floors ``p`` there, so the evaluation's ``log p``
-#: is ``log p`` exactly where ``p >= TINY``.
-TINY = float(np.finfo(float).tiny)
-
-
 def kl_to_gibbs(mdp: MDP, p: np.ndarray, g: np.ndarray, positive: bool = False,
                 log_p: np.ndarray | None = None) -> np.ndarray:
     """``KL(p_s || G_s)`` per state, ``(n,)``, for the policies ``p (n, M)`` and the potentials ``g = Q / tau + log mu``
@@ -99,7 +95,7 @@ def kl_to_gibbs(mdp: MDP, p: np.ndarray, g: np.ndarray, positive: bool = False,
     without recomputing ``g`` from ``Q``, in chunks of states whose temporaries stay below
     :data:`solver.budget.KL_CHUNK_BYTES` (the ``(N, M)`` log-Gibbs table is never whole). ``positive``: the caller
     knows ``p > 0`` everywhere (no masking). ``log_p``: ``log p`` ``(n, M)`` when the caller has it (with
-    ``positive``; the evaluation's :attr:`~solver.bellman.Evaluation.log_p` where ``p >= TINY``), then no
+    ``positive``; the evaluation's :attr:`~solver.bellman.Evaluation.log_p` where ``p >= LOG_FLOOR``), then no
     logarithm of ``p``. Cost: one ``exp`` (and one ``log`` without ``log_p``) per entry, two matrix-vector
     products (on one BLAS thread for small ``n``).
     """
