@@ -1127,11 +1127,10 @@ class Symmetries:
     """Automorphisms of a mesh's edge graph from isometries of its bounding box (reflections, the point
     reflection and, on a square box, the rotations and diagonal reflections) that map the DOFs onto DOFs:
     ``nodes (K, M)``: node ``nodes[k, i]`` is the image of node ``i``; ``edges (K, E)``: the index of the image of
-    edge ``e`` (either orientation). ``K = 0`` for none. ``ends (M, E)``: sums edge values into both end nodes."""
+    edge ``e`` (either orientation). ``K = 0`` for none."""
 
     nodes: np.ndarray
     edges: np.ndarray
-    ends: sp.csr_matrix
 
 
 def symmetries(space: ActionSpace) -> Symmetries:
@@ -1164,15 +1163,22 @@ def symmetries(space: ActionSpace) -> Symmetries:
             if np.all(pe >= 0) and np.unique(pe).size == pe.size:
                 nodes.append(p)
                 edge_maps.append(pe)
-    e = space.edges.shape[0]
-    inc_j, inc_k = space.incidences
     result = Symmetries(nodes=np.array(nodes, dtype=np.int64).reshape(-1, m),
-                        edges=np.array(edge_maps, dtype=np.int64).reshape(-1, e), ends=(inc_j + inc_k).T.tocsr())
+                        edges=np.array(edge_maps, dtype=np.int64).reshape(-1, space.edges.shape[0]))
     _SYMMETRIES[id(space)] = (space, result)
     return result
 
 
 _SYMMETRIES: dict[int, tuple[ActionSpace, Symmetries]] = {}
+
+
+def _gershgorin(space: ActionSpace, diag_difference: np.ndarray, off_difference: np.ndarray) -> np.ndarray:
+    """The largest absolute row sum of the difference of two symmetric matrices on the edge graph of ``space``
+    (``diag_difference (..., M)``, ``off_difference (..., E)``), a bound of its 2-norm: the Weyl distance of
+    :func:`gap_lower_bounds`, per state."""
+    inc_j, inc_k = space.incidences
+    d_off = np.abs(off_difference)
+    return (np.abs(diag_difference) + d_off @ inc_j + d_off @ inc_k).max(axis=-1)
 
 
 def _mirror_partners(space: ActionSpace, diag: np.ndarray, off: np.ndarray,
@@ -1194,10 +1200,10 @@ def _mirror_partners(space: ActionSpace, diag: np.ndarray, off: np.ndarray,
         if not all(abs(x - y) <= 1e-9 * max(abs(x), abs(y)) for x, y in zip(ks, kt)):
             head = s  # a new group
             continue
-        on_diag = np.abs(diag[s][None, :] - diag[head][sym.nodes])  # (K, M)
-        best = int(np.argmin(on_diag.max(axis=1)))  # the automorphism that matches the diagonals
-        rows = on_diag[best] + sym.ends @ np.abs(off[s] - off[head][sym.edges[best]])
-        pairs.append((s, head, sym.nodes[best], float(rows.max())))
+        on_diag = diag[s][None, :] - diag[head][sym.nodes]  # (K, M)
+        best = int(np.argmin(np.abs(on_diag).max(axis=1)))  # the automorphism that matches the diagonals
+        distance = _gershgorin(space, on_diag[best], off[s] - off[head][sym.edges[best]])
+        pairs.append((s, head, sym.nodes[best], float(distance)))
     return pairs
 
 
@@ -1255,10 +1261,7 @@ def _gap_bounds(space: ActionSpace, g: np.ndarray, tau: float, scheme: str, prev
         out[inside] = x[inside, last[inside]]
     elif not chain and reference is not None:
         d_ref, o_ref, ell_ref = reference
-        d_off = np.abs(off - o_ref)
-        inc_j, inc_k = space.incidences
-        rows = np.abs(diag - d_ref) + d_off @ inc_j + d_off @ inc_k
-        weyl = ell_ref - rows.max(axis=1)
+        weyl = ell_ref - _gershgorin(space, diag - d_ref, off - o_ref)
         accept = np.isfinite(weyl) & (weyl >= (1.0 - WEYL_LOSS) * ell_ref)
         out[accept] = weyl[accept]
     todo = np.flatnonzero(~np.isfinite(out))
