@@ -324,8 +324,8 @@ class LocalRates(Observer):
         kappa = float(np.max(self.d_star / ((1.0 - mdp.gamma) * x)))
         if self.gaps.shared:  # collective: every state on every rank, the eigen-solves dealt out
             ell, log_pi_min = self.gaps(state.g)[own], self.gaps.log_pi_min[own]
-        else:
-            ell, log_pi_min = self.gaps(g), self.gaps.log_pi_min
+        else:  # the flow's edge rates of this state, if it kept them (the symmetrised generator without logs)
+            ell, log_pi_min = self.gaps(g, state.memo.get(("rates", self.scheme))), self.gaps.log_pi_min
         sc = state_constants(mdp, ev.Q[own], self.scheme, ell, self._steps, g, log_pi_min)
         previous = sc.kappa_step if self._steps is None else self._steps
         self._steps = np.where(sc.kappa_step >= 0, sc.kappa_step, previous)

@@ -394,9 +394,6 @@ LOWER_METHODS = ("none (domain not convex)", "Bakry-Emery + Holley-Stroock (quad
 #: The curvatures tried by the kappa-convex split: ``kappa_0 2^-k`` (module docstring).
 KAPPA_STEPS = np.arange(-1, 10)
 
-#: Slopes of the affine minorants whose maximum is the convex part in 1D.
-ENVELOPE_SLOPES = 48
-
 
 def _quadratic_design(a: np.ndarray) -> np.ndarray:
     """Columns ``1, a_i, a_i a_k (i <= k)`` at the DOFs, ``(M, 1 + d + d(d+1)/2)``."""
@@ -423,35 +420,90 @@ def _split_bound(space: ActionSpace, psi: np.ndarray, curvature: np.ndarray, kap
 
 
 def _convex_minorant_1d(a: np.ndarray, f: np.ndarray) -> np.ndarray:
-    """A convex minorant of ``f (N, M)`` at the sorted nodes ``a (M,)``: the maximum of the affine minorants
-    ``p a - f*(p)`` with :data:`ENVELOPE_SLOPES` slopes ``p`` between the extreme node slopes (``f*`` exact).
-    Its nodal interpolant is convex and ``<= f`` at the nodes. Work ``O(N P M)``: :func:`lower_bounds` calls it
-    only for the densities whose quadratic-fit bound is not already good (``split``)."""
-    slopes = np.diff(f, axis=1) / np.diff(a)[None, :]
-    p = np.linspace(slopes.min(axis=1), slopes.max(axis=1), ENVELOPE_SLOPES, axis=1)  # (N, P)
-    kernel = compiled(_minorant_kernel, MINORANT_SIGNATURE) if _compiled_size(f.size) else None
-    if kernel is not None and np.isfinite(f.min()) and np.isfinite(f.max()):  # the same values (max is exact)
+    """The greatest convex minorant of ``f (N, M)`` at the sorted nodes ``a (M,)``: per row, the lower convex hull
+    of the points ``(a_j, f_j)`` (its vertices keep their values) interpolated linearly at the other nodes. It is
+    the largest convex piecewise-linear function ``<= f`` at the nodes, so ``f - phi >= 0`` is smallest, and its
+    oscillation too (both vanish at the hull's vertices): the best split of this form.
+
+    Compiled (:func:`_hull_kernel`, Andrew's monotone chain, ``O(M)`` per row) where :func:`_compiled_size` says
+    so, else :func:`_hull_rows` (the same predicate, vectorised over rows; a few sweeps). A point is dropped
+    when it is on or above the chord of its neighbours, both paths with the same expression, and the interpolation
+    is the same expression too: where the vertex sets agree (any data without three points collinear to round-off)
+    the values agree bit for bit; otherwise they differ by round-off of near-collinear points."""
+    a = np.ascontiguousarray(a, dtype=float)
+    f = np.ascontiguousarray(f, dtype=float)
+    kernel = compiled(_hull_kernel, HULL_SIGNATURE) if _compiled_size(f.size) else None
+    if kernel is not None and np.isfinite(f.min()) and np.isfinite(f.max()):
         out = np.empty(f.shape)
-        kernel(np.ascontiguousarray(a, dtype=float), np.ascontiguousarray(f, dtype=float), np.ascontiguousarray(p),
-               out)
+        kernel(a, f, out, np.empty(f.shape[1], np.int64))
         return out
-    if f.shape[0] > MINORANT_ROWS:  # rows are independent: small groups keep the (rows, P, M) temporaries in cache
-        return np.concatenate([_minorant_rows(a, f[i:i + MINORANT_ROWS], p[i:i + MINORANT_ROWS])
-                               for i in range(0, f.shape[0], MINORANT_ROWS)])
-    return _minorant_rows(a, f, p)
+    return _hull_rows(a, f)
 
 
-#: Densities per group in :func:`_convex_minorant_1d` (4 x 48 x 257 doubles: 0.4 MB per temporary; measured 3x
-#: faster than 8 at once, the same values).
-MINORANT_ROWS = 4
+def _hull_rows(a: np.ndarray, f: np.ndarray) -> np.ndarray:
+    """:func:`_convex_minorant_1d` in numpy: sweeps that drop, in every row at once, each kept point on or above
+    the chord of its kept neighbours (never a vertex of the lower hull, so dropping them together is safe) until
+    none is; the kept points are then the hull's vertices."""
+    n, m = f.shape
+    idx = np.arange(m)
+    rows = np.arange(n)[:, None]
+    keep = np.ones((n, m), bool)
+
+    def neighbours():
+        """Last kept node ``<= j`` and first kept node ``>= j``, ``(n, M)`` each."""
+        left = np.maximum.accumulate(np.where(keep, idx, -1), axis=1)
+        right = np.minimum.accumulate(np.where(keep, idx, m)[:, ::-1], axis=1)[:, ::-1]
+        return left, right
+
+    while m > 2:
+        left, right = neighbours()
+        p = np.empty_like(left)
+        q = np.empty_like(right)
+        p[:, 0], p[:, 1:] = -1, left[:, :-1]
+        q[:, -1], q[:, :-1] = m, right[:, 1:]
+        inner = keep & (p >= 0) & (q < m)
+        if not inner.any():
+            break
+        p, q = np.where(inner, p, 0), np.where(inner, q, 0)
+        fp = f[rows, p]
+        drop = inner & ((f - fp) * (a[q] - a[p]) >= (f[rows, q] - fp) * (a[None, :] - a[p]))
+        if not drop.any():
+            break
+        keep &= ~drop
+    left, right = neighbours()
+    fl, fr, al = f[rows, left], f[rows, right], a[left]
+    span = a[right] - al
+    with np.errstate(invalid="ignore", divide="ignore"):
+        inside = fl + (fr - fl) * ((a[None, :] - al) / span)
+    return np.where(keep, f, inside)
 
 
-def _minorant_rows(a: np.ndarray, f: np.ndarray, p: np.ndarray) -> np.ndarray:
-    pa = np.multiply(p[:, :, None], a[None, None, :])  # (n, P, M), reused: one more such temporary
-    work = np.subtract(pa, f[:, None, :])
-    conj = work.max(axis=2)  # f*(p), (n, P)
-    np.subtract(pa, conj[:, :, None], out=work)
-    return work.max(axis=1)
+HULL_SIGNATURE = "void(f8[::1], f8[:, ::1], f8[:, ::1], i8[::1])"
+
+
+def _hull_kernel(a, f, out, stack):
+    """Compiled :func:`_convex_minorant_1d` (finite ``f``): per row the lower hull by Andrew's monotone chain (a
+    point is popped when on or above the chord from the one below it to the new point: the predicate of
+    :func:`_hull_rows`), then the interpolation of :func:`_hull_rows` between consecutive vertices."""
+    n, m = f.shape
+    for r in range(n):
+        top = 0
+        for j in range(m):
+            while top >= 2:
+                i, k = stack[top - 2], stack[top - 1]
+                if (f[r, k] - f[r, i]) * (a[j] - a[i]) >= (f[r, j] - f[r, i]) * (a[k] - a[i]):
+                    top -= 1
+                else:
+                    break
+            stack[top] = j
+            top += 1
+        for v in range(top - 1):
+            i, k = stack[v], stack[v + 1]
+            out[r, i] = f[r, i]
+            span = a[k] - a[i]
+            for j in range(i + 1, k):
+                out[r, j] = f[r, i] + (f[r, k] - f[r, i]) * ((a[j] - a[i]) / span)
+        out[r, stack[top - 1]] = f[r, stack[top - 1]]
 
 
 def _compiled_size(entries: int) -> bool:
@@ -462,32 +514,6 @@ def _compiled_size(entries: int) -> bool:
     import sys
 
     return entries >= COMPILED_MIN_ENTRIES or (entries >= 64 and "numba" in sys.modules)
-
-
-MINORANT_SIGNATURE = "void(f8[::1], f8[:, ::1], f8[:, ::1], f8[:, ::1])"
-
-
-def _minorant_kernel(a, f, p, out):
-    """Compiled :func:`_minorant_rows` (sizes: :func:`_compiled_size`; finite ``f``): per density
-    ``f*(p_c) = max_j (p_c a_j - f_j)``, then ``out_j = max_c (p_c a_j - f*(p_c))`` -- the same
-    products, differences and maxima as the numpy groups (so the same values), without the ``(rows, P, M)``
-    temporaries (measured on lqr_1d: ~4x faster)."""
-    n, m = f.shape
-    k = p.shape[1]
-    conj = np.empty(k)
-    for r in range(n):
-        for c in range(k):
-            best = p[r, c] * a[0] - f[r, 0]
-            for j in range(1, m):
-                v = p[r, c] * a[j] - f[r, j]
-                best = v if v > best else best
-            conj[c] = best
-        for j in range(m):
-            best = p[r, 0] * a[j] - conj[0]
-            for c in range(1, k):
-                v = p[r, c] * a[j] - conj[c]
-                best = v if v > best else best
-            out[r, j] = best
 
 
 def lower_bounds(space: ActionSpace, log_densities: np.ndarray, good_enough: np.ndarray | None = None,
@@ -929,6 +955,13 @@ REFERENCE_BYTES = 64 * 2 ** 20
 STURM_GRID = np.array([0.8, 0.9, 0.95, 0.98, 0.99, 0.995, 0.998, 0.999, 0.9995, 1.0, 1.0005, 1.001, 1.002, 1.005,
                        1.01, 1.02, 1.05, 1.1, 1.25])
 
+#: The points of :data:`STURM_GRID` tested first (0.9995, 1, 1.0005): a state with at most one eigenvalue below
+#: the first and more below the last is decided by these three, as by the whole grid, since the Sturm count is
+#: monotone in the shift also in floating point (Kahan 1966; LAPACK's bisection relies on it); the others test
+#: only the grid points above (or below) these. Near the optimum, where the gaps move by less than 0.05% between
+#: checks, that is every state: 3 shifts per state, not 19; early in a flow at most 11.
+STURM_FIRST = np.array([8, 9, 10])
+
 
 def symmetrised_generator(space: ActionSpace, g: np.ndarray, tau: float,
                           scheme: str = "sg") -> tuple[np.ndarray, np.ndarray]:
@@ -938,17 +971,44 @@ def symmetrised_generator(space: ActionSpace, g: np.ndarray, tau: float,
     return _symmetrised(space, g, tau, scheme)[:2]
 
 
-def _symmetrised(space: ActionSpace, g: np.ndarray, tau: float,
-                 scheme: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """:func:`symmetrised_generator` and the ``log_pi (n, M)`` (:func:`log_stationary`) it was formed with."""
+#: :func:`_symmetrised` forms ``S`` from the flow's edge rates where every ``fwd bwd`` of a state is at least this
+#: (or 0 on an edge without conductance): far above the subnormals, so ``sqrt(fwd bwd)`` keeps full precision.
+RATE_PRODUCT_MIN = 1e-280
+
+
+def _symmetrised(space: ActionSpace, g: np.ndarray, tau: float, scheme: str,
+                 rates: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`symmetrised_generator` and the ``log_pi (n, M)`` (:func:`log_stationary`) it was formed with.
+
+    ``rates``: the edge rates ``(fwd, bwd)`` of ``g`` (:func:`solver.flows.fokker_planck.edge_rates`, those the
+    flow steps with) if the caller has them. Then ``S_jk = -sqrt(fwd bwd / (w_j w_k))`` and ``S_jj`` sums
+    ``fwd / w_j`` and ``bwd / w_k`` (detailed balance ``pi_j fwd / w_j = pi_k bwd / w_k`` gives the same entries:
+    a square root and two divisions per edge instead of five transcendental functions), at the states whose
+    products ``fwd bwd`` are all at least :data:`RATE_PRODUCT_MIN`; the others (potential jumps of hundreds per
+    edge) are formed from the logs."""
     if scheme not in ("sg", "sqra"):
         raise ValueError(f"unknown scheme {scheme!r} (allowed: sg, sqra)")
     g = np.atleast_2d(g)
     log_pi = log_stationary(space, g)
-    log_q = _log_conductances(space, g, tau, scheme, log_pi)
     j, k = space.edges[:, 0], space.edges[:, 1]
-    off = -np.exp(log_q - 0.5 * (log_pi[:, j] + log_pi[:, k]))
-    out_j, out_k = np.exp(log_q - log_pi[:, j]), np.exp(log_q - log_pi[:, k])
+    w = space.weights
+    n = g.shape[0]
+    linear = np.zeros(n, bool)
+    if rates is not None:
+        fwd, bwd = rates
+        product = fwd * bwd
+        linear = np.all((product >= RATE_PRODUCT_MIN) | (space.conductance == 0)[None, :], axis=1)
+    off, out_j, out_k = (np.empty((n, j.size)) for _ in range(3))
+    if linear.any():
+        r = slice(None) if linear.all() else np.flatnonzero(linear)
+        off[r] = np.sqrt(product[r]) / -np.sqrt(w[j] * w[k])[None, :]
+        out_j[r], out_k[r] = fwd[r] / w[j][None, :], bwd[r] / w[k][None, :]
+    if not linear.all():
+        r = np.flatnonzero(~linear)
+        lp = log_pi[r]
+        log_q = _log_conductances(space, g[r], tau, scheme, lp)
+        off[r] = -np.exp(log_q - 0.5 * (lp[:, j] + lp[:, k]))
+        out_j[r], out_k[r] = np.exp(log_q - lp[:, j]), np.exp(log_q - lp[:, k])
     if space.is_chain:  # node i is the start of edge i and the end of edge i - 1: one term each, no sums
         diag = np.zeros(g.shape)
         diag[:, :-1] = out_j
@@ -1212,10 +1272,11 @@ def gap_lower_bounds(space: ActionSpace, g: np.ndarray, tau: float, scheme: str 
                      reference: tuple | None = None) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
     """Certified lower bounds of the generator gaps ``ell_s`` of the potentials ``g (n, M)``.
 
-    * 1D chain with ``previous (n,)`` (the gaps of the last check): one vectorised Sturm sweep
-      (:func:`sturm_counts`) at ``previous * STURM_GRID``; the largest grid point with at most one eigenvalue
-      below it (the zero eigenvalue) is a lower bound of ``ell`` (within 0.05% of it when ``ell`` moved by less
-      than that). States the grid does not bracket (``ell`` moved by more than -20% / +25%) are recomputed.
+    * 1D chain with ``previous (n,)`` (the gaps of the last check): vectorised Sturm sweeps (:func:`sturm_counts`)
+      at ``previous * STURM_GRID``; the largest grid point with at most one eigenvalue below it (the zero
+      eigenvalue) is a lower bound of ``ell`` (within 0.05% of it when ``ell`` moved by less than that). The
+      three middle points go first (:data:`STURM_FIRST`), the whole grid only where they do not decide. States
+      the grid does not bracket (``ell`` moved by more than -20% / +25%) are recomputed.
     * 2D with ``reference = (diag, off, ell)`` (the symmetrised matrices at which the lower bounds ``ell`` were
       computed): Weyl's inequality ``lambda_2(S) >= lambda_2(S_ref) - ||S - S_ref||_2`` with the Gershgorin bound of
       ``||S - S_ref||_2`` (largest absolute row sum); accepted when it loses at most :data:`WEYL_LOSS`, else
@@ -1240,25 +1301,41 @@ def gap_lower_bounds(space: ActionSpace, g: np.ndarray, tau: float, scheme: str 
 
 
 def _gap_bounds(space: ActionSpace, g: np.ndarray, tau: float, scheme: str, previous: np.ndarray | None,
-                vectors: np.ndarray | None, reference: tuple | None, share=None) -> tuple:
+                vectors: np.ndarray | None, reference: tuple | None, share=None, rates=None) -> tuple:
     """:func:`gap_lower_bounds`, the symmetrised ``(diag, off)`` of ``g`` (the Weyl reference of a first call) and
     ``log pi_* (n,)`` (:func:`log_min_masses`, the same values).
 
     ``share``: a :class:`solver.parallel.Partition` of several ranks, every rank calling with the same arguments
     (all states): the eigen-solves are dealt out over the ranks (rank ``r`` solves every ``K``-th) and their values
     and eigenvectors summed over the ranks (``Allreduce``), so that each rank returns the serial result while
-    solving ``1/K`` of the states (mirror pairs across the ranks' blocks of states included)."""
-    diag, off, log_pi = _symmetrised(space, g, tau, scheme)
+    solving ``1/K`` of the states (mirror pairs across the ranks' blocks of states included). ``rates``: the edge
+    rates of ``g`` if the caller has them (:func:`_symmetrised`)."""
+    diag, off, log_pi = _symmetrised(space, g, tau, scheme, rates)
     n, m = diag.shape
     out = np.full(n, np.nan)
     chain = space.is_chain
     j, k = space.edges[:, 0], space.edges[:, 1]
     if chain and previous is not None:
         x = np.asarray(previous, float)[:, None] * STURM_GRID[None, :]
-        ok = sturm_counts(diag, off, x) <= 1  # no non-zero eigenvalue below x: ell >= x
-        inside = ok.any(axis=1) & ~ok[:, -1] & np.all(np.isfinite(x), axis=1)
-        last = np.where(inside, ok.shape[1] - 1 - np.argmax(ok[:, ::-1], axis=1), 0)
-        out[inside] = x[inside, last[inside]]
+        finite = np.all(np.isfinite(x), axis=1)
+        # the three middle points first; then, where they do not decide, the grid points above or below them
+        lo, mid, hi = STURM_FIRST
+        first = sturm_counts(diag, off, x[:, STURM_FIRST]) <= 1  # no non-zero eigenvalue below x: ell >= x
+        decided = first[:, 0] & ~first[:, 2] & finite
+        out[decided] = np.where(first[decided, 1], x[decided, mid], x[decided, lo])
+        for rest, points in ((first[:, 2] & finite, np.arange(hi + 1, STURM_GRID.size)),
+                             (~first[:, 0] & ~first[:, 2] & finite, np.arange(lo))):
+            rest = np.flatnonzero(rest)
+            if not rest.size:
+                continue
+            ok = sturm_counts(diag[rest], off[rest], x[np.ix_(rest, points)]) <= 1
+            found = ok.any(axis=1)
+            top = points[-1] - np.argmax(ok[:, ::-1], axis=1)  # the largest point with ok, where found
+            if points[0] > hi:  # ell >= x_hi: x_hi if none above it; all of them: ell moved by more than +25%
+                top, inside = np.where(found, top, hi), ~ok[:, -1]
+            else:  # ell < x_lo: none below it means it moved by more than -20%
+                inside = found
+            out[rest[inside]] = x[rest[inside], top[inside]]
     elif not chain and reference is not None:
         d_ref, o_ref, ell_ref = reference
         weyl = ell_ref - _gershgorin(space, diag - d_ref, off - o_ref)
@@ -1356,8 +1433,9 @@ class GapTracker:
         """Whether the ranks share the tracker (all states on every rank, the solves dealt out)."""
         return self.share is not None
 
-    def __call__(self, g: np.ndarray) -> np.ndarray:
-        """``ell_lo (N,)`` for the potentials ``g (N, M)`` (in chunks of states; collective when :attr:`shared`)."""
+    def __call__(self, g: np.ndarray, rates: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
+        """``ell_lo (N,)`` for the potentials ``g (N, M)`` (in chunks of states; collective when :attr:`shared`).
+        ``rates``: the flow's edge rates ``(fwd, bwd)`` of ``g`` if at hand (:func:`_symmetrised`)."""
         n = g.shape[0]
         space = self.space
         keep = not space.is_chain and 16 * n * (space.n_dofs + space.edges.shape[0]) <= REFERENCE_BYTES
@@ -1367,7 +1445,9 @@ class GapTracker:
             prev = None if self.previous is None else self.previous[part]
             vec = None if self.vectors is None else self.vectors[part]
             ref = None if not keep or self.reference is None else tuple(r[part].copy() for r in self.reference)
-            e, v, done, diag, off, low = _gap_bounds(space, g[part], self.tau, self.scheme, prev, vec, ref, self.share)
+            part_rates = None if rates is None else (rates[0][part], rates[1][part])
+            e, v, done, diag, off, low = _gap_bounds(space, g[part], self.tau, self.scheme, prev, vec, ref, self.share,
+                                                     part_rates)
             log_pi_min.append(low)
             if keep and ref is None:  # every state was computed: its matrices are the reference
                 ref = (diag, off, e.copy())

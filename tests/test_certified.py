@@ -165,6 +165,54 @@ def test_sturm_counts_and_warm_started_gaps_are_certified_lower_bounds():
     assert ell[0] <= truth and ell[0] == pytest.approx(truth, rel=2e-6)
 
 
+def test_staged_sturm_grid_equals_the_whole_grid():
+    """The warm 1D gaps test the three middle points of STURM_GRID first and then only the points above or below
+    them: the same certified value as the largest point of the whole grid with at most one eigenvalue below it,
+    for gaps that moved by -30% .. +30% since the last check (outside -20% / +25%: recomputed), and below the
+    dense gap: the largest grid point under it."""
+    space = interval_space(-3.0, 3.0, 50)
+    a = space.coords[:, 0]
+    moved = np.array([0.7, 0.85, 0.97, 0.9997, 1.0002, 1.0004, 1.003, 1.2, 1.3])  # ell / previous
+    g = np.stack([-(a - 0.2 * i) ** 2 / (0.4 + 0.05 * i) + 0.2 * np.sin(3 * a + i) for i in range(moved.size)])
+    exact = _dense_gaps(space, g, 0.4)
+    previous = exact / moved
+    ell, _, recomputed = lsi.gap_lower_bounds(space, g, 0.4, previous=previous)
+    diag, off = lsi.symmetrised_generator(space, g, 0.4)
+    grid = previous[:, None] * lsi.STURM_GRID[None, :]
+    ok = lsi.sturm_counts(diag, off, grid) <= 1
+    inside = ok.any(axis=1) & ~ok[:, -1]
+    assert np.array_equal(inside, (moved > 0.8) & (moved < 1.25)) and np.array_equal(recomputed, ~inside)
+    whole = grid[np.arange(moved.size), ok.shape[1] - 1 - np.argmax(ok[:, ::-1], axis=1)]
+    assert np.array_equal(ell[inside], whole[inside])
+    below = np.array([lsi.STURM_GRID[lsi.STURM_GRID < m].max(initial=0.0) for m in moved])  # grid points under ell
+    assert np.all(ell <= exact) and np.array_equal(ell[inside], (previous * below)[inside])
+
+
+def test_symmetrised_generator_from_the_flows_rates_equals_the_logs():
+    """S from the flow's edge rates (sqrt(fwd bwd / (w_j w_k)), fwd / w_j, bwd / w_k) equals S formed in log space to
+    a few ulps, for SG and SQRA on an interval and a rectangle; a state with a potential jump of 800 over one edge
+    (SG: fwd bwd underflows) is formed from the logs."""
+    rng = np.random.default_rng(5)
+    for space in (interval_space(-3.0, 3.0, 40), rectangle_space((-2.0, -2.0), (2.0, 2.0), (6, 6))):
+        g = rng.normal(size=(4, space.n_dofs)).cumsum(axis=1) - 3 * np.sum(space.coords ** 2, axis=1)
+        g[3, : space.n_dofs // 2] += 800.0  # at least one edge jumps by ~800
+        for scheme in ("sg", "sqra"):
+            rates = edge_rates(space, g, 0.7, scheme)
+            from_rates = lsi._symmetrised(space, g, 0.7, scheme, rates)
+            logs = lsi._symmetrised(space, g, 0.7, scheme)
+            for x, y in zip(from_rates[:2], logs[:2]):
+                assert np.allclose(x[:3], y[:3], rtol=1e-13, atol=0)  # both to a few ulps of the exact entries
+                if scheme == "sg":  # B(800) underflows: from the logs (SQRA's e^{+-400} does not)
+                    assert np.array_equal(x[3], y[3])
+                else:  # from the rates; the logs lose |log pi| ~ 800 ulps here
+                    assert np.allclose(x[3], y[3], rtol=1e-12, atol=0)
+            assert np.array_equal(from_rates[2], logs[2])
+            if scheme == "sqra":  # closed form: S_jk = -tau omega_jk / sqrt(w_j w_k) whatever g
+                j, k = space.edges[:, 0], space.edges[:, 1]
+                closed = -0.7 * space.conductance / np.sqrt(space.weights[j] * space.weights[k])
+                assert np.allclose(from_rates[1], closed[None, :], rtol=4e-15, atol=0)  # a few roundings
+
+
 def _dense_gaps(space, g, tau):
     diag, off = lsi.symmetrised_generator(space, g, tau)
     j, k = space.edges[:, 0], space.edges[:, 1]

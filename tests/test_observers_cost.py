@@ -166,9 +166,10 @@ def test_banded_deflated_gap_is_the_eigenvalue_and_a_lower_bound():
                                                for row in g])
 
 
-def test_log_bernoulli_and_minorant_groups():
-    """log B(x) = log(x / (e^x - 1)) by one formula for both signs (and -x/2 below 1e-8); the convex minorant is
-    the same in groups of MINORANT_ROWS densities as one at a time, convex and below f."""
+def test_log_bernoulli_and_greatest_convex_minorant():
+    """log B(x) = log(x / (e^x - 1)) by one formula for both signs (and -x/2 below 1e-8); the 1D convex minorant of
+    the split bound is the greatest one: at every node the minimum over the chords of points on both sides
+    (brute force), convex, below f and equal to f at the ends, on noisy and on exactly linear rows."""
     x = np.array([-30.0, -2.0, -1e-7, -1e-9, 0.0, 1e-9, 1e-7, 0.5, 3.0, 40.0, 800.0, -800.0])
     direct = np.array([math.log(v / math.expm1(v)) if abs(v) >= 1e-8 and abs(v) < 700 else math.nan for v in x])
     got = lsi.log_bernoulli(x)
@@ -179,12 +180,20 @@ def test_log_bernoulli_and_minorant_groups():
     assert np.array_equal(got[np.abs(x) < 1e-8], -0.5 * x[np.abs(x) < 1e-8])
     assert got[-2] == pytest.approx(math.log(800.0) - 800.0, rel=1e-15) and got[-1] == pytest.approx(math.log(800.0))
     rng = np.random.default_rng(2)
-    a = np.linspace(-3.0, 3.0, 41)
-    f = rng.normal(size=(9, a.size)).cumsum(axis=1) + a ** 2
-    together = lsi._convex_minorant_1d(a, f)
-    single = np.concatenate([lsi._convex_minorant_1d(a, f[i:i + 1]) for i in range(9)])
-    assert np.array_equal(together, single)
-    assert np.all(together <= f + 1e-12) and np.all(np.diff(together, 2, axis=1) / np.diff(a)[0] >= -1e-9)
+    a = np.sort(rng.uniform(-3.0, 3.0, 31))
+    f = np.concatenate([rng.normal(size=(8, a.size)).cumsum(axis=1) + a ** 2, 0.3 * a[None, :] - 1.0])
+    phi = lsi._convex_minorant_1d(a, f)
+    i, j, k = np.meshgrid(np.arange(a.size), np.arange(a.size), np.arange(a.size), indexing="ij")
+    chords = (i < j) & (j < k)
+    brute = f.copy()
+    span = np.where(chords, a[k] - a[i], 1.0)
+    for r in range(f.shape[0]):
+        value = f[r, i] + (f[r, k] - f[r, i]) * (a[j] - a[i]) / span
+        brute[r] = np.minimum(f[r], np.where(chords, value, np.inf).min(axis=(0, 2)))
+    assert np.allclose(phi, brute, rtol=0, atol=1e-12)  # round-off of the interpolation between hull vertices
+    assert np.all(phi <= f + 1e-12) and np.array_equal(phi[:, [0, -1]], f[:, [0, -1]])
+    slopes = np.diff(phi, axis=1) / np.diff(a)
+    assert np.all(np.diff(slopes, axis=1) >= -1e-9)
 
 
 def test_state_constants_middle_level_keeps_the_minimum(lqr):
@@ -263,9 +272,10 @@ def test_vectorised_2d_ledger_quantities_equal_the_per_node_ones():
 
 
 def test_along_flow_check_reads_the_rows_memo(lqr, monkeypatch):
-    """The history row leaves the state's KL and D^h in ``state.memo``; the along-flow check of that state takes them
-    (no second pass) and its rates.csv row equals the row of a check that computes them itself, to round-off (the
-    flow's D^h is summed in edge order by the compiled kernel)."""
+    """The history row leaves the state's KL, D^h and edge rates in ``state.memo``; the along-flow check of that state
+    takes them (no second pass; the symmetrised generator of its gaps from the rates, no logarithms) and its
+    rates.csv row equals the row of a check that computes them itself, to round-off (the flow's D^h is summed in
+    edge order by the compiled kernel; S from the rates and from the logs agree to a few ulps)."""
     from solver.along_flow import LocalRates
 
     problem, _ = lqr
@@ -284,10 +294,11 @@ def test_along_flow_check_reads_the_rows_memo(lqr, monkeypatch):
             with monkeypatch.context() as m:
                 if memo:
                     diagnostics.record(flow, state, problem.J_star)
-                    assert set(state.memo) == {"kl", ("dissipation", "sg")}
+                    assert set(state.memo) == {"kl", ("dissipation", "sg"), ("rates", "sg")}
                     assert state.memo["kl"].shape == (problem.mdp.n_states,)
                     m.setattr(diagnostics, "kl_to_gibbs", no_second_pass)
                     m.setattr(along_flow, "dissipation", no_second_pass)
+                    m.setattr(lsi, "_log_conductances", no_second_pass)
                 check.check(state)
         rows.append(np.array(check.rows))
     np.testing.assert_allclose(rows[0], rows[1], rtol=1e-12, atol=0)  # round-off of the two D^h sums

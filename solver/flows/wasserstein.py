@@ -160,6 +160,7 @@ class Wasserstein(Flow):
         else:  # the evaluation's log p (this rank's rows) is that of this policy: the entropy of r^pi took it
             rates, D = rates_and_dissipation(mdp, p, g, scheme, state.evaluation.log_p)
             self._rates = (state, rates)  # the next step from this state uses the same rates (implicit_step)
+            state.memo[("rates", scheme)] = rates  # this rank's states, for the along-flow check's gaps
         state.memo[("dissipation", scheme)] = D  # this rank's states, for the along-flow check
         return self.partition.gather(D)
 
