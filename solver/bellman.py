@@ -299,9 +299,13 @@ def evaluate(mdp: MDP, p: np.ndarray, partition=None) -> Evaluation:
         resolvent = DistributedResolvent(mdp.kernel.policy_matrix(masses, rows), mdp.gamma, partition, mdp.rho)
         V = partition.gather(resolvent.solve_local(r_pi))
     else:  # this rank's rows of P^pi (the interpolated dense ones, N x N doubles, or CSR), gathered and replicated
-        P = partition.gather_csr(mdp.kernel.policy_matrix(masses, rows)) if dense is None else partition.gather(dense)
+        if dense is None:
+            P, r_all = partition.gather_csr(mdp.kernel.policy_matrix(masses, rows)), partition.gather(r_pi)
+        else:  # r^pi as one more column: one gather
+            both = partition.gather(np.column_stack([dense, r_pi]))
+            P, r_all = np.ascontiguousarray(both[:, :-1]), both[:, -1].copy()
         resolvent = Resolvent(P, mdp.gamma)
-        V = resolvent.solve(partition.gather(r_pi))
+        V = resolvent.solve(r_all)
     Q = partition.gather(mdp.reward[rows] + mdp.gamma * mdp.kernel.expect(V, rows))
     return Evaluation(V=V, Q=Q, resolvent=resolvent, log_p=log_p)
 

@@ -47,8 +47,9 @@ def record(flow: Flow, state: FlowState, J_star: float, previous: dict | None = 
     """The history row of one flow state (keys :data:`HISTORY_COLUMNS`).
 
     Args:
-        flow: the flow that produced ``state`` (it gives the statewise dissipation; its partition splits the KL
-            over MPI ranks, so the row is the same on every rank).
+        flow: the flow that produced ``state`` (it gives the statewise dissipation; its partition splits the KL,
+            the smallest density, the mass error and the sum of the predicted ``dJ/dt`` over MPI ranks, combined
+            in one collective, :meth:`solver.parallel.Partition.combine`, so the row is the same on every rank).
         previous: the row of the previous flow state (its ``J`` and ``dissipation`` are used), or None for
             the first row.
 
@@ -66,22 +67,25 @@ def record(flow: Flow, state: FlowState, J_star: float, previous: dict | None = 
     rows = partition.rows
     with single_threaded_blas(p.shape[0]):
         J = float(mdp.rho @ ev.V)
-        min_density = float(p.min())
-        log_p = ev.log_p if ev.log_p is not None and min_density >= LOG_FLOOR else None  # log max(p, tiny) = log p
         local = p[rows]
-        kl = kl_to_gibbs(mdp, local, state.g[rows], min_density > 0, log_p)  # log_p: this rank's rows
+        local_min = float(local.min())
+        log_p = ev.log_p if ev.log_p is not None and local_min >= LOG_FLOOR else None  # log max(p, tiny) = log p
+        kl = kl_to_gibbs(mdp, local, state.g[rows], local_min > 0, log_p)  # log_p: this rank's rows
         state.memo["kl"] = kl  # for the along-flow check of this state
-        mass_error = float(np.abs(p @ mdp.weights - 1.0).max())
-        dissipation = predicted_dissipation(flow, state)
+        local_mass_error = float(np.abs(local @ mdp.weights - 1.0).max())
+        dissipation = predicted_dissipation(flow, state)  # this rank's part of the sum
+    # the maxima over the ranks' states (the minimum as the maximum of its negative) and the sum in one collective
+    kl_max, negative_min, mass_error, dissipation = partition.combine(
+        [float(kl.max()), -local_min, local_mass_error, dissipation], ("max", "max", "max", "sum"))
     return {
         "t": state.t,
         "dt": state.dt,
         "J": J,
         "gap": J_star - J,
         "dissipation": dissipation,
-        "kl_gibbs_max": partition.max(float(kl.max())),
-        "mass_error": mass_error,
-        "min_density": min_density,
+        "kl_gibbs_max": float(kl_max),
+        "mass_error": float(mass_error),
+        "min_density": -float(negative_min),
         "dissipation_ratio": dissipation_ratio(J, state.dt, previous),
     }
 
@@ -135,12 +139,13 @@ def _kl_chunk(p: np.ndarray, g: np.ndarray, w: np.ndarray, positive: bool,
 
 
 def predicted_dissipation(flow: Flow, state: FlowState) -> float:
-    """Predicted ``dJ/dt = rho^T (I - gamma P^pi)^{-1} D`` at ``state``, ``D`` the flow's statewise dissipation
-    (:meth:`solver.flows.base.Flow.dissipation`); NaN for a flow without one."""
-    D = flow.dissipation(state)
+    """Predicted ``dJ/dt = rho^T (I - gamma P^pi)^{-1} D = x . D`` at ``state``, ``D`` the flow's statewise
+    dissipation (:meth:`solver.flows.base.Flow.own_dissipation`); NaN for a flow without one. Under MPI this
+    rank's part of the sum, ``x[own] . D[own]`` (:func:`record` sums the ranks' parts)."""
+    D = flow.own_dissipation(state)
     if D is None:
         return math.nan
-    return float(state.evaluation.resolvent_adjoint(flow.mdp.rho) @ D)
+    return float(state.evaluation.resolvent_adjoint(flow.mdp.rho)[flow.partition.rows] @ D)
 
 
 def dissipation_ratio(J: float, dt: float, previous: dict | None) -> float:

@@ -234,10 +234,11 @@ def run(problem: Problem, observers: Iterable[Observer] = (), partition: paralle
                     if checkpoint(state) is not False:  # a Checkpointer may skip a periodic one (wall-time rule)
                         fresh = None
             skip = False
-            if partition.bcast(result.rows[-1]["gap"] <= f.gap_tol):
+            converged, stop = partition.bcast((result.rows[-1]["gap"] <= f.gap_tol, STOP.requested))  # one collective
+            if converged:
                 result.status = "converged"
                 break
-            if partition.bcast(STOP.requested):
+            if stop:
                 result.status = "interrupted"
                 result.message = f"stopped by {signal.Signals(STOP.signum).name}" if STOP.signum else "stopped"
                 break

@@ -63,3 +63,45 @@ def test_distributed_evaluation_equals_serial(tmp_path):
     # the issue's bar, 1e-10: both GMRES to rtol 1e-14 with cond(I - gamma P) <= 19 (measured 7e-15 in V)
     for key in ("V", "Q", "solve", "adjoint"):
         assert result[key] < 1e-10, result
+
+
+CHECKED = textwrap.dedent("""
+    import json
+    import numpy as np
+    from mpi4py import MPI
+    from solver import bellman, config, parallel, runner
+    from solver.flows.base import NumericalError, evaluate_checked
+
+    mdp = runner.build(config.load("experiments/lqr_1d.toml", ["states.n=13", "actions.cells=16"])).mdp
+    comm = MPI.COMM_WORLD
+    partition = parallel.Partition(comm, mdp.n_states)
+    outcomes = []
+    for bad in (None, mdp.n_states - 1):  # a NaN in the last state: rank 1's rows only
+        p = bellman.uniform_policy(mdp)
+        if bad is not None:
+            p[bad, 3] = np.nan
+        try:
+            ev = evaluate_checked(mdp, p, 5, 0.05, partition)
+            outcomes.append(float(np.max(np.abs(ev.V - bellman.evaluate(mdp, p).V))))
+        except NumericalError as exc:
+            outcomes.append(str(exc))
+    everyone = comm.gather(outcomes)
+    if comm.rank == 0:
+        print(json.dumps(everyone))
+""")
+
+
+@pytest.mark.skipif(MPIRUN is None, reason="mpirun not installed (Debian: openmpi-bin)")
+def test_checked_evaluation_fails_on_every_rank(tmp_path):
+    """Under MPI each rank tests only its own rows of p and Q for non-finite values; the flags are reduced, so a
+    NaN in one rank's rows makes every rank raise the same NumericalError (no rank left waiting in a collective),
+    and a finite policy evaluates to the serial V."""
+    script = tmp_path / "checked.py"
+    script.write_text(CHECKED)
+    out = subprocess.run([MPIRUN, "-n", "2", sys.executable, str(script)], capture_output=True, text=True, env=ENV,
+                         cwd=ROOT, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    ranks = json.loads(out.stdout.strip().splitlines()[-1])
+    assert len(ranks) == 2 and ranks[0] == ranks[1]
+    finite, failed = ranks[0]
+    assert finite < 1e-12 and failed == "non-finite values in the policy at step 5 (t = 0.05)"

@@ -77,13 +77,34 @@ def evaluate_checked(mdp: MDP, p: np.ndarray, step: int, t: float,
         NumericalError: naming the step and time.
     """
     where = f"at step {step} (t = {t:.6g})"
+    if partition is not None and not partition.serial:
+        return _evaluate_checked_ranks(mdp, p, where, partition)
     if not all_finite(p):
         raise NumericalError(f"non-finite values in the policy {where}")
     try:
-        ev = bellman.evaluate(mdp, p, None if partition is None or partition.serial else partition)
+        ev = bellman.evaluate(mdp, p)
     except (RuntimeError, ValueError, np.linalg.LinAlgError) as exc:  # singular or non-finite I - gamma P^pi
         raise NumericalError(f"policy evaluation failed {where}: {exc}") from None
     if not (all_finite(ev.V) and all_finite(ev.Q)):
+        raise NumericalError(f"non-finite values in V or Q {where}")
+    return ev
+
+
+def _evaluate_checked_ranks(mdp: MDP, p: np.ndarray, where: str, partition: Partition) -> bellman.Evaluation:
+    """:func:`evaluate_checked` under MPI: each rank tests its own rows of ``p`` and ``Q`` (and the replicated
+    ``V``) instead of the whole arrays, and one reduction of the two flags makes every rank raise the same error.
+    A non-finite policy is evaluated first: that only propagates NaNs (the LU does not test its input, PETSc's
+    GMRES fails on every rank), tests/test_mpi_distributed.py."""
+    rows = partition.rows
+    bad_p = not all_finite(p[rows])
+    try:
+        ev = bellman.evaluate(mdp, p, partition)
+    except (RuntimeError, ValueError, np.linalg.LinAlgError) as exc:  # replicated or collective: on every rank
+        raise NumericalError(f"policy evaluation failed {where}: {exc}") from None
+    bad_p, bad_v = partition.reduce([float(bad_p), float(not (all_finite(ev.V) and all_finite(ev.Q[rows])))], "max")
+    if bad_p:
+        raise NumericalError(f"non-finite values in the policy {where}")
+    if bad_v:
         raise NumericalError(f"non-finite values in V or Q {where}")
     return ev
 
@@ -186,6 +207,11 @@ class Flow:
     def dissipation(self, state: FlowState) -> np.ndarray | None:
         """Statewise dissipation ``D`` ``(N,)`` with ``dJ/dt = rho^T (I - gamma P^pi)^{-1} D``; None if none."""
         return None
+
+    def own_dissipation(self, state: FlowState) -> np.ndarray | None:
+        """This rank's rows of :meth:`dissipation` (all of them serially), without a gather; None if none."""
+        D = self.dissipation(state)
+        return None if D is None else D[self.partition.rows]
 
     def predicted_rate(self, ell_min: float) -> float | None:
         """Asymptotic gap rate given the smallest generator gap at ``Q*`` (None where there is no prediction)."""

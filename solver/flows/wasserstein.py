@@ -148,6 +148,9 @@ class Wasserstein(Flow):
             self._frozen_rates = data["frozen_fwd"], data["frozen_bwd"]
 
     def dissipation(self, state: FlowState) -> np.ndarray:
+        return self.partition.gather(self.own_dissipation(state))
+
+    def own_dissipation(self, state: FlowState) -> np.ndarray:
         rows, mdp, scheme = self.partition.rows, self.mdp, self.config.scheme
         if mdp.n_states == 1:  # the generator is frozen (start): its edge rates are computed once
             if getattr(self, "_frozen_rates", None) is None:
@@ -162,7 +165,7 @@ class Wasserstein(Flow):
             self._rates = (state, rates)  # the next step from this state uses the same rates (implicit_step)
             state.memo[("rates", scheme)] = rates  # this rank's states, for the along-flow check's gaps
         state.memo[("dissipation", scheme)] = D  # this rank's states, for the along-flow check
-        return self.partition.gather(D)
+        return D
 
     def predicted_rate(self, ell_min: float) -> float | None:
         if not math.isfinite(ell_min):
