@@ -951,7 +951,7 @@ WEYL_LOSS = 1e-2
 #: :class:`GapTracker` keeps the 2D reference matrices of the Weyl step only up to this size.
 REFERENCE_BYTES = 64 * 2 ** 20
 
-#: Warm-start grid (multiples of the previous gap) tested by one Sturm sweep in 1D (:func:`gap_lower_bounds`).
+#: Warm-start grid (multiples of the previous gap) tested by Sturm sweeps in 1D (:func:`gap_lower_bounds`).
 STURM_GRID = np.array([0.8, 0.9, 0.95, 0.98, 0.99, 0.995, 0.998, 0.999, 0.9995, 1.0, 1.0005, 1.001, 1.002, 1.005,
                        1.01, 1.02, 1.05, 1.1, 1.25])
 

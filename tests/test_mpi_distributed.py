@@ -51,14 +51,19 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
-@pytest.mark.skipif(MPIRUN is None, reason="mpirun not installed (Debian: openmpi-bin)")
-def test_distributed_evaluation_equals_serial(tmp_path):
-    script = tmp_path / "distributed.py"
-    script.write_text(SCRIPT)
+def _on_two_ranks(tmp_path, source: str):
+    """Run ``source`` under ``mpirun -n 2`` from the repository root; the JSON of rank 0's last output line."""
+    script = tmp_path / "script.py"
+    script.write_text(source)
     out = subprocess.run([MPIRUN, "-n", "2", sys.executable, str(script)], capture_output=True, text=True, env=ENV,
                          cwd=ROOT, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
-    result = json.loads(out.stdout.strip().splitlines()[-1])
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.skipif(MPIRUN is None, reason="mpirun not installed (Debian: openmpi-bin)")
+def test_distributed_evaluation_equals_serial(tmp_path):
+    result = _on_two_ranks(tmp_path, SCRIPT)
     assert result["method"] == "petsc" and result["n"] == 1681
     # the issue's bar, 1e-10: both GMRES to rtol 1e-14 with cond(I - gamma P) <= 19 (measured 7e-15 in V)
     for key in ("V", "Q", "solve", "adjoint"):
@@ -96,12 +101,7 @@ def test_checked_evaluation_fails_on_every_rank(tmp_path):
     """Under MPI each rank tests only its own rows of p and Q for non-finite values; the flags are reduced, so a
     NaN in one rank's rows makes every rank raise the same NumericalError (no rank left waiting in a collective),
     and a finite policy evaluates to the serial V."""
-    script = tmp_path / "checked.py"
-    script.write_text(CHECKED)
-    out = subprocess.run([MPIRUN, "-n", "2", sys.executable, str(script)], capture_output=True, text=True, env=ENV,
-                         cwd=ROOT, timeout=300)
-    assert out.returncode == 0, out.stderr[-2000:]
-    ranks = json.loads(out.stdout.strip().splitlines()[-1])
+    ranks = _on_two_ranks(tmp_path, CHECKED)
     assert len(ranks) == 2 and ranks[0] == ranks[1]
     finite, failed = ranks[0]
     assert finite < 1e-12 and failed == "non-finite values in the policy at step 5 (t = 0.05)"
