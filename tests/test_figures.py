@@ -10,79 +10,21 @@ The movie (``wpgflow animate``) of a 1D and a 2D run: one frame per snapshot, op
 
 import json
 import tomllib
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from solver import cli, plots, sweep
 
-EXPERIMENTS = Path(__file__).resolve().parent.parent / "experiments"
-RUNS = sorted(p.stem for p in EXPERIMENTS.glob("*.toml") if "[sweep]" not in p.read_text())
+from .conftest import EXPERIMENTS, capture, tiny
+
 SWEEPS = sorted(p.stem for p in EXPERIMENTS.glob("*.toml") if "[sweep]" in p.read_text())
 
 
-def tiny(config: Path) -> list[str]:
-    """``--set`` options that shrink a shipped config to a few seconds (as tests/test_cli.py does)."""
-    text = config.read_text()
-    dt = tomllib.loads(text).get("flow", {}).get("dt", 0.01)
-    opts = ["--set", f"flow.t_end={max(0.3, 6 * dt)!r}", "--set", "output.snapshots=6"]  # at least 6 steps
-    if 'domain = "rectangle"' in text:
-        opts += ["--set", "actions.cells=6"]
-    elif "domain =" in text:
-        opts += ["--set", 'actions.resolution="coarse"']
-    else:
-        opts += ["--set", "actions.cells=40"]
-    if "n = [" in text:
-        opts += ["--set", "states.n=[5,5]"]
-    elif "[states]" in text:
-        opts += ["--set", "states.n=9"]
-    return opts
-
-
-def describe(fig) -> dict:
-    """What the checks need from a drawn figure, as plain data (so the figure can be closed at once)."""
-    fig.canvas.draw()  # lay out and create the tick labels
-    axes = []
-    for ax in fig.axes:
-        legend = ax.get_legend()
-        axes.append({
-            "colorbar": ax.get_label() == "<colorbar>", "title": ax.get_title(), "xlabel": ax.get_xlabel(),
-            "ylabel": ax.get_ylabel(), "has_data": ax.has_data() or bool(ax.texts),
-            "ticks": [t.get_text() for t in ax.get_xticklabels() + ax.get_yticklabels()],
-            "lines": [line.get_label() for line in ax.get_lines()],
-            "legend": [t.get_text() for t in legend.get_texts()] if legend else [],
-            "extend": [getattr(c, "extend", "neither") for c in ax.collections]})
-    return {"suptitle": fig._suptitle.get_text() if fig._suptitle else "", "axes": axes}
-
-
-def capture(monkeypatch) -> dict:
-    """``{"<dir>/<png>": describe(figure)}`` of every figure drawn from now on (PNG encoding skipped:
-    tests/test_cli.py checks the files)."""
-    import matplotlib.pyplot as plt
-
-    drawn: dict[str, dict] = {}
-
-    def keep(fig, out, dpi=100):
-        drawn[f"{Path(out).parent.name}/{Path(out).name}"] = describe(fig)
-        plt.close(fig)
-        return out
-
-    monkeypatch.setattr(plots, "save_figure", keep)
-    return drawn
-
-
 @pytest.fixture(scope="module")
-def figures(tmp_path_factory):
-    """``{experiment: (run_dir, {png name: description})}`` for every figure ``wpgflow run`` draws."""
-    with pytest.MonkeyPatch.context() as monkeypatch:
-        drawn = capture(monkeypatch)
-        root = tmp_path_factory.mktemp("figures")
-        for name in RUNS:
-            config = EXPERIMENTS / f"{name}.toml"
-            assert cli.main(["run", str(config), "--out", str(root / name), "--quiet", *tiny(config)]) == 0, name
-    return {name: (root / name, {k.split("/")[1]: v for k, v in drawn.items() if k.split("/")[0] == name})
-            for name in RUNS}
+def figures(shipped_runs):
+    """The shared tiny runs of every shipped experiment and their figures (tests/conftest.py)."""
+    return shipped_runs
 
 
 def check_figure(fig: dict, where: str) -> None:
