@@ -301,9 +301,9 @@ def evaluate(mdp: MDP, p: np.ndarray, partition=None) -> Evaluation:
     else:  # this rank's rows of P^pi (the interpolated dense ones, N x N doubles, or CSR), gathered and replicated
         if dense is None:
             P, r_all = partition.gather_csr(mdp.kernel.policy_matrix(masses, rows)), partition.gather(r_pi)
-        else:  # r^pi as one more column: one gather
+        else:  # r^pi as one more column: one gather (the Resolvent copies P into its LU's array)
             both = partition.gather(np.column_stack([dense, r_pi]))
-            P, r_all = np.ascontiguousarray(both[:, :-1]), both[:, -1].copy()
+            P, r_all = both[:, :-1], both[:, -1]
         resolvent = Resolvent(P, mdp.gamma)
         V = resolvent.solve(r_all)
     Q = partition.gather(mdp.reward[rows] + mdp.gamma * mdp.kernel.expect(V, rows))

@@ -972,7 +972,8 @@ def symmetrised_generator(space: ActionSpace, g: np.ndarray, tau: float,
 
 
 #: :func:`_symmetrised` forms ``S`` from the flow's edge rates where every ``fwd bwd`` of a state is at least this
-#: (or 0 on an edge without conductance): far above the subnormals, so ``sqrt(fwd bwd)`` keeps full precision.
+#: (far above the subnormals, so ``sqrt(fwd bwd)`` keeps full precision; every conductance is positive,
+#: :func:`solver.fem._renumbered`).
 RATE_PRODUCT_MIN = 1e-280
 
 
@@ -997,7 +998,7 @@ def _symmetrised(space: ActionSpace, g: np.ndarray, tau: float, scheme: str,
     if rates is not None:
         fwd, bwd = rates
         product = fwd * bwd
-        linear = np.all((product >= RATE_PRODUCT_MIN) | (space.conductance == 0)[None, :], axis=1)
+        linear = np.all(product >= RATE_PRODUCT_MIN, axis=1)
     off, out_j, out_k = (np.empty((n, j.size)) for _ in range(3))
     if linear.any():
         r = slice(None) if linear.all() else np.flatnonzero(linear)
@@ -1316,26 +1317,7 @@ def _gap_bounds(space: ActionSpace, g: np.ndarray, tau: float, scheme: str, prev
     chain = space.is_chain
     j, k = space.edges[:, 0], space.edges[:, 1]
     if chain and previous is not None:
-        x = np.asarray(previous, float)[:, None] * STURM_GRID[None, :]
-        finite = np.all(np.isfinite(x), axis=1)
-        # the three middle points first; then, where they do not decide, the grid points above or below them
-        lo, mid, hi = STURM_FIRST
-        first = sturm_counts(diag, off, x[:, STURM_FIRST]) <= 1  # no non-zero eigenvalue below x: ell >= x
-        decided = first[:, 0] & ~first[:, 2] & finite
-        out[decided] = np.where(first[decided, 1], x[decided, mid], x[decided, lo])
-        for rest, points in ((first[:, 2] & finite, np.arange(hi + 1, STURM_GRID.size)),
-                             (~first[:, 0] & ~first[:, 2] & finite, np.arange(lo))):
-            rest = np.flatnonzero(rest)
-            if not rest.size:
-                continue
-            ok = sturm_counts(diag[rest], off[rest], x[np.ix_(rest, points)]) <= 1
-            found = ok.any(axis=1)
-            top = points[-1] - np.argmax(ok[:, ::-1], axis=1)  # the largest point with ok, where found
-            if points[0] > hi:  # ell >= x_hi: x_hi if none above it; all of them: ell moved by more than +25%
-                top, inside = np.where(found, top, hi), ~ok[:, -1]
-            else:  # ell < x_lo: none below it means it moved by more than -20%
-                inside = found
-            out[rest[inside]] = x[rest[inside], top[inside]]
+        out = _sturm_gaps(diag, off, np.asarray(previous, float))
     elif not chain and reference is not None:
         d_ref, o_ref, ell_ref = reference
         weyl = ell_ref - _gershgorin(space, diag - d_ref, off - o_ref)
@@ -1382,6 +1364,34 @@ def _gap_bounds(space: ActionSpace, g: np.ndarray, tau: float, scheme: str, prev
         d_ref, o_ref, ell_ref = reference
         d_ref[todo], o_ref[todo], ell_ref[todo] = diag[todo], off[todo], out[todo]
     return out, new_vectors, recomputed, diag, off, log_pi.min(axis=1)
+
+
+def _sturm_gaps(diag: np.ndarray, off: np.ndarray, previous: np.ndarray) -> np.ndarray:
+    """The warm 1D certificate of :func:`gap_lower_bounds`: per chain, the largest point of ``previous *
+    STURM_GRID`` with at most one eigenvalue below it (NaN where the grid does not bracket ``ell``), the three
+    points :data:`STURM_FIRST` first and then only the grid points above or below them."""
+    out = np.full(diag.shape[0], np.nan)
+    x = previous[:, None] * STURM_GRID[None, :]
+    finite = np.all(np.isfinite(x), axis=1)
+    # the three middle points first; then, where they do not decide, the grid points above or below them
+    lo, mid, hi = STURM_FIRST
+    first = sturm_counts(diag, off, x[:, STURM_FIRST]) <= 1  # no non-zero eigenvalue below x: ell >= x
+    decided = first[:, 0] & ~first[:, 2] & finite
+    out[decided] = np.where(first[decided, 1], x[decided, mid], x[decided, lo])
+    for rest, points in ((first[:, 2] & finite, np.arange(hi + 1, STURM_GRID.size)),
+                         (~first[:, 0] & ~first[:, 2] & finite, np.arange(lo))):
+        rest = np.flatnonzero(rest)
+        if not rest.size:
+            continue
+        ok = sturm_counts(diag[rest], off[rest], x[np.ix_(rest, points)]) <= 1
+        found = ok.any(axis=1)
+        top = points[-1] - np.argmax(ok[:, ::-1], axis=1)  # the largest point with ok, where found
+        if points[0] > hi:  # ell >= x_hi: x_hi if none above it; all of them: ell moved by more than +25%
+            top, inside = np.where(found, top, hi), ~ok[:, -1]
+        else:  # ell < x_lo: none below it means it moved by more than -20%
+            inside = found
+        out[rest[inside]] = x[rest[inside], top[inside]]
+    return out
 
 
 def _share_solves(share, solved: list[int], out: np.ndarray, vectors: np.ndarray | None) -> None:

@@ -77,31 +77,20 @@ def evaluate_checked(mdp: MDP, p: np.ndarray, step: int, t: float,
         NumericalError: naming the step and time.
     """
     where = f"at step {step} (t = {t:.6g})"
-    if partition is not None and not partition.serial:
-        return _evaluate_checked_ranks(mdp, p, where, partition)
-    if not all_finite(p):
+    # under MPI each rank tests its own rows of p and Q (V is replicated) and the flags are reduced, so every rank
+    # raises the same error; a non-finite policy is then evaluated first, which only propagates NaNs (the LU does
+    # not test its input, PETSc's GMRES fails on every rank: tests/test_mpi_distributed.py)
+    ranks = partition is not None and not partition.serial
+    rows = partition.rows if ranks else slice(None)
+    bad_p = not all_finite(p[rows])
+    if bad_p and not ranks:
         raise NumericalError(f"non-finite values in the policy {where}")
     try:
-        ev = bellman.evaluate(mdp, p)
+        ev = bellman.evaluate(mdp, p, partition if ranks else None)
     except (RuntimeError, ValueError, np.linalg.LinAlgError) as exc:  # singular or non-finite I - gamma P^pi
         raise NumericalError(f"policy evaluation failed {where}: {exc}") from None
-    if not (all_finite(ev.V) and all_finite(ev.Q)):
-        raise NumericalError(f"non-finite values in V or Q {where}")
-    return ev
-
-
-def _evaluate_checked_ranks(mdp: MDP, p: np.ndarray, where: str, partition: Partition) -> bellman.Evaluation:
-    """:func:`evaluate_checked` under MPI: each rank tests its own rows of ``p`` and ``Q`` (and the replicated
-    ``V``) instead of the whole arrays, and one reduction of the two flags makes every rank raise the same error.
-    A non-finite policy is evaluated first: that only propagates NaNs (the LU does not test its input, PETSc's
-    GMRES fails on every rank), tests/test_mpi_distributed.py."""
-    rows = partition.rows
-    bad_p = not all_finite(p[rows])
-    try:
-        ev = bellman.evaluate(mdp, p, partition)
-    except (RuntimeError, ValueError, np.linalg.LinAlgError) as exc:  # replicated or collective: on every rank
-        raise NumericalError(f"policy evaluation failed {where}: {exc}") from None
-    bad_p, bad_v = partition.reduce([float(bad_p), float(not (all_finite(ev.V) and all_finite(ev.Q[rows])))], "max")
+    bad = [float(bad_p), float(not (all_finite(ev.V) and all_finite(ev.Q[rows])))]
+    bad_p, bad_v = partition.reduce(bad, "max") if ranks else bad
     if bad_p:
         raise NumericalError(f"non-finite values in the policy {where}")
     if bad_v:
