@@ -249,6 +249,10 @@ class LocalRates(Observer):
         # certified ell_s, warm-started; on 2D meshes under MPI shared by the ranks (all states, the solves dealt out)
         self.gaps = lsi.GapTracker(problem.mdp.space, problem.mdp.tau, self.scheme, self.partition)
 
+    def needs_full(self, row: dict, state) -> bool:
+        """A shared gap tracker (2D meshes under MPI) takes the potentials of every state at a check."""
+        return self.gaps.shared and (self.schedule is None or self.schedule.pending(state.t))
+
     def observe(self, row: dict, state) -> None:
         if self.schedule is None or self.schedule.due(state.t):
             self.check(state)
@@ -317,16 +321,16 @@ class LocalRates(Observer):
         own = part.rows  # this rank's states (all of them when serial)
         self._last_t = state.t
         if ev.resolvent.released:
-            ev = bellman.evaluate(mdp, state.p, None if part.serial else part)
+            ev = bellman.evaluate(mdp, state.own_p, None if part.serial else part)
         x = ev.resolvent_adjoint(mdp.rho)
-        p, g = state.p[own], state.g[own]  # g: potential(Q)
+        p, g = state.own_p, state.own_g  # g: potential(Q)
         gap = J_star - float(mdp.rho @ ev.V)
         kappa = float(np.max(self.d_star / ((1.0 - mdp.gamma) * x)))
         if self.gaps.shared:  # collective: every state on every rank, the eigen-solves dealt out
             ell, log_pi_min = self.gaps(state.g)[own], self.gaps.log_pi_min[own]
         else:  # the flow's edge rates of this state, if it kept them (the symmetrised generator without logs)
             ell, log_pi_min = self.gaps(g, state.memo.get(("rates", self.scheme))), self.gaps.log_pi_min
-        sc = state_constants(mdp, ev.Q[own], self.scheme, ell, self._steps, g, log_pi_min)
+        sc = state_constants(mdp, ev.own_Q, self.scheme, ell, self._steps, g, log_pi_min)
         previous = sc.kappa_step if self._steps is None else self._steps
         self._steps = np.where(sc.kappa_step >= 0, sc.kappa_step, previous)
         # Delta_s = tau KL(pi_s || G^pi_s) (the Bellman residual); J* - J <= y . Delta with y = d* / (1 - gamma)
@@ -341,7 +345,7 @@ class LocalRates(Observer):
         informative = sc.C_lo[sc.informative]
         low_h, low, mass_error, q_max = part.reduce(  # minima as maxima of negatives: one reduction
             [-sc.rho_lo.min(), -informative.min() if informative.size else -math.inf,
-             np.max(np.abs(p @ mdp.weights - 1.0)), np.max(np.abs(ev.Q[own]))], "max")
+             np.max(np.abs(p @ mdp.weights - 1.0)), np.max(np.abs(ev.own_Q))], "max")
         C_h_lo = float(-low_h)
         certified = float(numerator) / denominator if denominator > 0 else C_h_lo / kappa
         certified = max(certified, C_h_lo / kappa)  # equal or larger in exact arithmetic (module docstring)

@@ -33,7 +33,8 @@ class Evaluation:
 
     Attributes:
         V: ``(N,)`` soft value ``V^pi``.
-        Q: ``(N, M)`` soft state-action value ``Q^pi``.
+        Q: ``(N, M)`` soft state-action value ``Q^pi``; None under MPI until gathered
+            (:meth:`solver.flows.FlowState.gather`).
         resolvent: solver of ``I - gamma P^pi`` (:class:`Resolvent`), reused for the adjoint (occupancy) solves.
         log_p: ``(N, M)`` ``log max(p, tiny)`` of the evaluated policy (``tiny`` the smallest normal double),
             computed once for the entropy of ``r^pi`` and kept for the consumers of the same policy (the
@@ -42,9 +43,13 @@ class Evaluation:
     """
 
     V: np.ndarray
-    Q: np.ndarray
+    Q: np.ndarray | None
     resolvent: "Resolvent"
     log_p: np.ndarray | None = None
+    own_Q: np.ndarray | None = None  # this rank's rows of Q (MPI; serially Q itself)
+
+    def __post_init__(self):
+        self.own_Q = self.Q if self.own_Q is None else self.own_Q
 
     def resolvent_adjoint(self, rho: np.ndarray) -> np.ndarray:
         """``x = (I - gamma P^pi)^{-T} rho``, so that ``rho^T (I - gamma P^pi)^{-1} D = x . D``.
@@ -269,8 +274,9 @@ def _bandwidth(P: sp.csr_matrix) -> int:
 def evaluate(mdp: MDP, p: np.ndarray, partition=None) -> Evaluation:
     """Soft policy evaluation: ``V^pi`` from ``(I - gamma P^pi) V = r^pi`` and ``Q^pi = R + gamma T V^pi``.
 
-    With a :class:`solver.parallel.Partition` (MPI over states) each rank computes ``r^pi``, ``P^pi`` and
-    ``Q`` on its own rows and gathers them; the LU and the solve for ``V`` are replicated on every rank, except
+    With a :class:`solver.parallel.Partition` (MPI over states) ``p`` holds this rank's rows; each rank computes
+    ``r^pi``, ``P^pi`` and ``Q`` on its own rows (``Q`` is left ungathered: :attr:`Evaluation.own_Q`, ``Q`` None)
+    and gathers ``r^pi`` and ``P^pi``; the LU and the solve for ``V`` are replicated on every rank, except
     on 2D state grids above :data:`DENSE_STATES` states (GMRES when serial), where ``I - gamma P^pi`` is solved
     distributed (:class:`DistributedResolvent`, PETSc) and only ``V`` is gathered.
     Serial 1D grids where the kernel built it: ``P^pi`` dense by interpolation over a grid of means
@@ -280,7 +286,7 @@ def evaluate(mdp: MDP, p: np.ndarray, partition=None) -> Evaluation:
     the ``1 x 1`` LU, tests/test_fast_paths.py).
     """
     rows = slice(None) if partition is None else partition.rows
-    local = p[rows]
+    local = p
     masses = local * mdp.weights
     # log p kept for the consumers of this policy (small enough); the same entropy bit for bit for p > 0
     log_p = policy_log(local) if 8 * local.size <= budget.KL_CHUNK_BYTES else None
@@ -306,8 +312,8 @@ def evaluate(mdp: MDP, p: np.ndarray, partition=None) -> Evaluation:
             P, r_all = both[:, :-1], both[:, -1]
         resolvent = Resolvent(P, mdp.gamma)
         V = resolvent.solve(r_all)
-    Q = partition.gather(mdp.reward[rows] + mdp.gamma * mdp.kernel.expect(V, rows))
-    return Evaluation(V=V, Q=Q, resolvent=resolvent, log_p=log_p)
+    own_Q = mdp.reward[rows] + mdp.gamma * mdp.kernel.expect(V, rows)
+    return Evaluation(V=V, Q=None, resolvent=resolvent, log_p=log_p, own_Q=own_Q)
 
 
 def q_values(mdp: MDP, V: np.ndarray) -> np.ndarray:

@@ -123,7 +123,8 @@ class Checkpointer:
 
     def due(self, state: flows.FlowState) -> bool:
         """Whether the periodic checkpoint of ``state`` is written (collective under MPI: rank 0's decision)."""
-        if state.p.size < CHECKPOINT_MIN_ENTRIES or not self.written:  # p: the full policy, the same on every rank
+        mdp = self.flow.mdp
+        if mdp.n_states * mdp.n_actions < CHECKPOINT_MIN_ENTRIES or not self.written:  # the same on every rank
             return True  # (the first one is always written: a run has a checkpoint from its first state on)
         decision = True
         if self.root:
@@ -140,6 +141,7 @@ class Checkpointer:
         if not final and not self.due(state):
             return False
         start = time.perf_counter()
+        state.gather(self.flow.partition)  # collective under MPI: the whole policy for checkpoint.npz
         for o in self.observers:  # history.csv reaches the checkpoint before it is written (HistoryCSV.flush)
             flush = getattr(o, "flush", None)
             if flush is not None:

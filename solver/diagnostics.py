@@ -63,14 +63,12 @@ def record(flow: Flow, state: FlowState, J_star: float, previous: dict | None = 
     pass less, the same numbers.
     """
     mdp, partition = flow.mdp, flow.partition
-    ev, p = state.evaluation, state.p
-    rows = partition.rows
-    with single_threaded_blas(p.shape[0]):
+    ev, local = state.evaluation, state.own_p  # this rank's rows
+    with single_threaded_blas(mdp.n_states):
         J = float(mdp.rho @ ev.V)
-        local = p[rows]
         local_min = float(local.min())
         log_p = ev.log_p if ev.log_p is not None and local_min >= LOG_FLOOR else None  # log max(p, tiny) = log p
-        kl = kl_to_gibbs(mdp, local, state.g[rows], local_min > 0, log_p)  # log_p: this rank's rows
+        kl = kl_to_gibbs(mdp, local, state.own_g, local_min > 0, log_p)  # log_p: this rank's rows
         state.memo["kl"] = kl  # for the along-flow check of this state
         local_mass_error = float(np.abs(local @ mdp.weights - 1.0).max())
         dissipation = predicted_dissipation(flow, state)  # this rank's part of the sum

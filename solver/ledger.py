@@ -111,12 +111,12 @@ class Ledger(Observer):
         if self.bounds is None:  # the first state is the initial policy: V^{pi_0} fixes the a-priori bounds
             self._set_bounds(state.evaluation.V.copy())
         if self.schedule is None or self.schedule.due(state.t):
-            self.record(state.t, state.evaluation.Q, state.p, state.evaluation.V)
+            self.record(state.t, state.evaluation.own_Q, state.own_p, state.evaluation.V)
 
     def finish(self, result) -> None:
         state = result.final
         if state is not None and self.bounds is not None and (self._last_t is None or self._last_t < state.t):
-            self.record(state.t, state.evaluation.Q, state.p, state.evaluation.V)
+            self.record(state.t, state.evaluation.own_Q, state.own_p, state.evaluation.V)
         if self.out is not None and self.rows and self.partition.root:
             write(Path(self.out) / "hypotheses.csv", self.rows)
 
@@ -159,12 +159,12 @@ class Ledger(Observer):
             self._last_t = self._previous[0]
 
     def record(self, t: float, Q: np.ndarray, p: np.ndarray, V: np.ndarray | None = None) -> None:
-        """Add the rows (one per state) of one snapshot. If ``V = V^{pi_t}`` fell below ``min V^{pi_0}`` (a flow
+        """Add the rows (one per state) of one snapshot of ``Q`` and ``p`` (this rank's rows under MPI, every
+        state when serial). If ``V = V^{pi_t}`` fell below ``min V^{pi_0}`` (a flow
         that is not monotone, e.g. particles) or above ``max V*``, the bounds use ``osc V`` widened to include it:
         they still bound the measured values, but are then not a-priori. Collective under MPI: each rank measures
         its own states, the block of rows is gathered."""
         mdp, own = self.problem.mdp, self.partition.rows
-        Q, p = Q[own], p[own]
         n_own = Q.shape[0]
         # in chunks of states: about 30 policy-sized temporaries per state (the 2D Hessians), kept below the
         # solve-chunk budget, so the ledger adds no (N, M) peak to a run's memory (solver.budget)

@@ -348,8 +348,11 @@ class WindowStart(Observer):
         self.t = self.gap = None
         self.p: np.ndarray | None = None
 
+    def needs_full(self, row: dict, state: FlowState) -> bool:
+        return self.p is None and 0 < row["gap"] <= self.upper
+
     def observe(self, row: dict, state: FlowState) -> None:
-        if self.p is None and 0 < row["gap"] <= self.upper:
+        if self.needs_full(row, state):
             self.t, self.gap, self.p = float(row["t"]), float(row["gap"]), np.array(state.p)
 
     def checkpoint_state(self) -> dict:

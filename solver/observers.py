@@ -44,6 +44,12 @@ class Observer:
     def observe(self, row: dict, state: FlowState) -> None:
         """Called after every flow state."""
 
+    def needs_full(self, row: dict, state: FlowState) -> bool:
+        """Whether :meth:`observe` reads every state's ``p``, ``g`` or ``Q`` of ``state`` (under MPI the runner then
+        gathers them first, :meth:`~solver.flows.FlowState.gather`; rank 0's answer decides). Collective observers
+        read their own rows (:attr:`~solver.flows.FlowState.own_p`, ...) and need not."""
+        return False
+
     def finish(self, result) -> None:
         """Called once after the loop, whatever its outcome (``result.status``)."""
 
@@ -86,8 +92,12 @@ class Schedule:
         self.targets = np.concatenate([[0.0], np.geomspace(first, t_end, count - 1)]) if count > 1 else np.zeros(1)
         self._next = 0
 
+    def pending(self, t: float) -> bool:
+        """Whether :meth:`due` would be true at ``t`` (without moving on to the next target)."""
+        return self._next < self.targets.size and t >= self.targets[self._next] * (1 - 1e-12)
+
     def due(self, t: float) -> bool:
-        if self._next >= self.targets.size or t < self.targets[self._next] * (1 - 1e-12):
+        if not self.pending(t):
             return False
         while self._next < self.targets.size and self.targets[self._next] <= t * (1 + 1e-12):
             self._next += 1
@@ -150,6 +160,9 @@ class Snapshots(Observer):
         self.times: list[float] = []
         self.policies: list[np.ndarray] = []
         self.values: list[np.ndarray] = []
+
+    def needs_full(self, row: dict, state: FlowState) -> bool:
+        return self.schedule.pending(state.t)
 
     def observe(self, row: dict, state: FlowState) -> None:
         if self.schedule.due(state.t):

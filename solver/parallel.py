@@ -7,9 +7,12 @@ in :mod:`solver.fem`; every rank builds the same MDP and solves for ``pi*`` by i
   ``r^pi`` and the rows of ``P^pi`` (theory.md §2), the rows of ``Q = R + gamma T V``, the implicit Euler step
   of the flow (theory.md §3, :func:`solver.flows.implicit_step` on a block of states) and the statewise
   diagnostics ``D^h`` and ``KL(pi_s || G_s)``. These are the ``O(N M L)`` and ``O(N M)`` parts of a step.
-* **Gathered** (``MPI_Allgatherv``, so every rank holds the full array): ``r^pi`` ``(N,)``, ``P^pi`` (dense rows
-  where the kernel interpolates it, :meth:`solver.mdp.GaussianGridKernel.dense_policy_matrix`, else CSR rows),
-  the new masses ``(N, M)`` (every rank holds the full policy), ``Q`` ``(N, M)`` and ``D^h`` ``(N,)``.
+* **Gathered every step** (``MPI_Allgatherv``, so every rank holds the full array): ``r^pi`` ``(N,)`` and
+  ``P^pi`` (dense rows where the kernel interpolates it, :meth:`solver.mdp.GaussianGridKernel.dense_policy_matrix`,
+  else CSR rows). The policy, ``Q`` and ``g`` stay distributed (:attr:`solver.flows.FlowState.own_p`, ...): they
+  are gathered (:meth:`solver.flows.FlowState.gather`) only for a state whose consumers read every state: a
+  snapshot, a checkpoint, the last state, or where rank 0's observers ask for it
+  (:meth:`solver.observers.Observer.needs_full`, rank 0's answer broadcast).
 * **Replicated**: the LU of ``I - gamma P^pi`` (``N x N``) and the solves for ``V`` and the adjoint
   ``(I - gamma P^pi)^{-T} rho``: ``O(N^3)`` once per step, cheap next to the ``O(N M L)`` row work (run on one
   BLAS thread, :func:`single_threaded_blas`). On 2D state grids above ``bellman.DENSE_STATES`` states (GMRES when

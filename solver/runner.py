@@ -228,6 +228,9 @@ def run(problem: Problem, observers: Iterable[Observer] = (), partition: paralle
                 fresh = state
                 row = diagnostics.record(flow, state, J_star, result.rows[-1] if result.rows else None)
                 result.rows.append(row)
+                # under MPI p, g and Q stay distributed unless rank 0's observers read every state of this one
+                if partition.bcast(any(observer.needs_full(row, state) for observer in observers)):
+                    state.gather(partition)
                 for observer in observers:
                     observer.observe(row, state)
                 if checkpoint is not None and checkpoint_every and state.step % checkpoint_every == 0:
@@ -255,6 +258,8 @@ def run(problem: Problem, observers: Iterable[Observer] = (), partition: paralle
         result.status, result.message = "failed", _failure(exc)
     finally:
         STOP.phase = "writing"
+        if result.final is not None:  # collective (as the observers' finish): the last state, whole
+            result.final.gather(partition)
         result.loop_time = time.perf_counter() - start
         result.collective_time = partition.collective_time - collective
         for observer in observers:

@@ -34,24 +34,48 @@ class FlowState:
         step: step index (0 for the initial policy).
         t: time.
         dt: size of the step that produced this state.
-        p: ``(N, M)`` policy density w.r.t. Lebesgue (``sum_j w_j p_ij = 1``).
+        p: ``(N, M)`` policy density w.r.t. Lebesgue (``sum_j w_j p_ij = 1``); None under MPI until
+            :meth:`gather`.
         evaluation: soft policy evaluation of ``p`` (``V``, ``Q`` and the resolvent for adjoint solves).
-        g: ``(N, M)`` log Gibbs density ``Q / tau + log mu`` of ``Q`` (the potential of the next step).
+        g: ``(N, M)`` log Gibbs density ``Q / tau + log mu`` of ``Q`` (the potential of the next step); None under
+            MPI until :meth:`gather`.
         rejected: steps rejected by an adaptive controller before this one was accepted.
         memo: statewise values of this state computed once and read again within the same step (this rank's
             states): ``"kl"`` ``KL(pi_s || G_s)`` (the history row, :func:`solver.diagnostics.record`) and
             ``("dissipation", scheme)`` ``D^h`` (the flow's :meth:`Flow.dissipation`), both taken by the
             along-flow check (:class:`solver.along_flow.LocalRates`) of the same state.
+        own_p, own_g: this rank's rows of ``p`` and ``g`` (serially the same arrays as ``p`` and ``g``). Under MPI
+            a step computes only these (and ``evaluation.own_Q``); the whole ``p``, ``g`` and ``Q`` are gathered
+            by :meth:`gather` only where a consumer needs every state (a snapshot, a checkpoint, the last state:
+            :func:`solver.runner.run`), not at every step.
     """
 
     step: int
     t: float
     dt: float
-    p: np.ndarray
+    p: np.ndarray | None
     evaluation: bellman.Evaluation
-    g: np.ndarray
+    g: np.ndarray | None
     rejected: int = 0
     memo: dict = field(default_factory=dict, repr=False)
+    own_p: np.ndarray | None = field(default=None, repr=False)
+    own_g: np.ndarray | None = field(default=None, repr=False)
+
+    def __post_init__(self):
+        self.own_p = self.p if self.own_p is None else self.own_p
+        self.own_g = self.g if self.own_g is None else self.own_g
+
+    @property
+    def gathered(self) -> bool:
+        """Whether ``p``, ``g`` and ``evaluation.Q`` hold every state (always when serial)."""
+        return self.p is not None
+
+    def gather(self, partition: Partition) -> None:
+        """Gather ``p``, ``g`` and ``evaluation.Q`` from the ranks' rows (collective under MPI; once per state)."""
+        if self.gathered:
+            return
+        self.p, self.g = partition.gather(self.own_p), partition.gather(self.own_g)
+        self.evaluation.Q = partition.gather(self.evaluation.own_Q)
 
     def release(self) -> None:
         """Free the resolvent of the evaluation (its factorisation or ``P^pi``); ``V``, ``Q`` and ``p`` stay."""
@@ -71,7 +95,8 @@ def potential(mdp: MDP, Q: np.ndarray) -> np.ndarray:
 
 def evaluate_checked(mdp: MDP, p: np.ndarray, step: int, t: float,
                      partition: Partition | None = None) -> bellman.Evaluation:
-    """Soft policy evaluation of ``p``, refusing non-finite policies, values or a singular Bellman system.
+    """Soft policy evaluation of ``p`` (this rank's rows under MPI), refusing non-finite policies, values or a
+    singular Bellman system.
 
     Raises:
         NumericalError: naming the step and time.
@@ -81,15 +106,14 @@ def evaluate_checked(mdp: MDP, p: np.ndarray, step: int, t: float,
     # raises the same error; a non-finite policy is then evaluated first, which only propagates NaNs (the LU does
     # not test its input, PETSc's GMRES fails on every rank: tests/test_mpi_distributed.py)
     ranks = partition is not None and not partition.serial
-    rows = partition.rows if ranks else slice(None)
-    bad_p = not all_finite(p[rows])
+    bad_p = not all_finite(p)
     if bad_p and not ranks:
         raise NumericalError(f"non-finite values in the policy {where}")
     try:
         ev = bellman.evaluate(mdp, p, partition if ranks else None)
     except (RuntimeError, ValueError, np.linalg.LinAlgError) as exc:  # singular or non-finite I - gamma P^pi
         raise NumericalError(f"policy evaluation failed {where}: {exc}") from None
-    bad = [float(bad_p), float(not (all_finite(ev.V) and all_finite(ev.Q[rows])))]
+    bad = [float(bad_p), float(not (all_finite(ev.V) and all_finite(ev.own_Q)))]
     bad_p, bad_v = partition.reduce(bad, "max") if ranks else bad
     if bad_p:
         raise NumericalError(f"non-finite values in the policy {where}")
@@ -173,7 +197,8 @@ class Flow:
         return p0
 
     def advance(self, state: FlowState, t_end: float) -> tuple[np.ndarray, float, int]:
-        """One step from ``state``: ``(p at the new time, the new time, steps rejected on the way)``."""
+        """One step from ``state``: ``(p at the new time, the new time, steps rejected on the way)``; under MPI
+        (kinds with :attr:`mpi`) ``p`` holds this rank's rows only."""
         raise NotImplementedError
 
     def checkpoint(self) -> dict[str, np.ndarray]:
@@ -218,7 +243,8 @@ class Flow:
 def trajectory(flow: Flow, p0: np.ndarray, t_end: float = math.inf, resume: dict | None = None) -> Iterator[FlowState]:
     """Yield the flow states ``p^0, p^1, ...`` of ``flow`` from ``p0`` (forever, or until ``t_end``).
 
-    Every state holds the full ``p``, ``V``, ``Q`` and ``g`` (on every rank under MPI).
+    Every state holds the full ``V``; ``p``, ``Q`` and ``g`` whole when serial, under MPI this rank's rows
+    (:attr:`FlowState.own_p`, ...) until :meth:`FlowState.gather`.
 
     ``resume``: continue from a checkpoint instead: ``p0`` is the policy of the checkpointed state, ``resume`` its
     ``step``, ``t``, ``dt``, ``rejected`` and ``flow`` (:meth:`Flow.checkpoint`'s arrays); the first state yielded
@@ -235,15 +261,24 @@ def trajectory(flow: Flow, p0: np.ndarray, t_end: float = math.inf, resume: dict
         flow.restore(p0, resume["flow"])
         p, step, t = p0, int(resume["step"]), float(resume["t"])
         dt, rejected = float(resume["dt"]), int(resume["rejected"])
-    ev = evaluate_checked(mdp, p, step, t, partition)
-    state = FlowState(step=step, t=t, dt=dt, p=p, evaluation=ev, g=potential(mdp, ev.Q), rejected=rejected)
+    state = _state(mdp, p if partition.serial else p[partition.rows], step, t, dt, rejected, partition)
     yield state
     while flow.more(state, t_end):
         p, t, rejected = flow.advance(state, t_end)
-        n = state.step + 1
-        ev = evaluate_checked(mdp, p, n, t, partition)
-        state = FlowState(step=n, t=t, dt=t - state.t, p=p, evaluation=ev, g=potential(mdp, ev.Q), rejected=rejected)
+        state = _state(mdp, p, state.step + 1, t, t - state.t, rejected, partition)
         yield state
+
+
+def _state(mdp: MDP, own_p: np.ndarray, step: int, t: float, dt: float, rejected: int,
+           partition: Partition) -> FlowState:
+    """The flow state of the policy whose rows on this rank are ``own_p`` (all rows when serial): evaluated and
+    checked; under MPI ``p``, ``g`` and ``Q`` are left to :meth:`FlowState.gather`."""
+    ev = evaluate_checked(mdp, own_p, step, t, partition)
+    own_g = potential(mdp, ev.own_Q)
+    if partition.serial:
+        return FlowState(step=step, t=t, dt=dt, p=own_p, evaluation=ev, g=own_g, rejected=rejected)
+    return FlowState(step=step, t=t, dt=dt, p=None, evaluation=ev, g=None, rejected=rejected, own_p=own_p,
+                     own_g=own_g)
 
 
 def _kinds() -> list[type[Flow]]:

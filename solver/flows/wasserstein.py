@@ -18,8 +18,8 @@ constant), where the generator is built once for the whole run; on coupled MDPs 
 ``2 ell_min`` for every ``dt`` (near ``Q*`` the change of ``Q`` is second order in the policy's, so the
 linearised step is ``exp(dt L*)``).
 
-With an MPI partition each rank steps its own rows (states) and the masses are gathered, so every flow state
-holds the full policy on every rank.
+With an MPI partition each rank steps its own rows (states); the flow states hold those rows
+(:attr:`solver.flows.FlowState.own_p`) and gather the whole policy only where a consumer needs it.
 """
 
 from __future__ import annotations
@@ -114,12 +114,12 @@ class Wasserstein(Flow):
         if adaptive is not None:
             self._previous = increment, h
         self._masses = masses
-        return self.partition.gather(masses / mdp.space.weights), t_new, rejected  # own rows divided
+        return masses / mdp.space.weights, t_new, rejected  # this rank's rows (the states gather them)
 
     def _step(self, state: FlowState, h: float) -> np.ndarray:
         """This rank's masses after a step of size ``h`` from ``state`` (its potential on this rank's rows)."""
         mdp, scheme = self.mdp, self.config.scheme
-        g = state.g[self.partition.rows]
+        g = state.own_g
         if not self._exponential:
             rates = self._rates[1] if self._rates is not None and self._rates[0] is state else None
             return implicit_step(mdp.space, self._masses, g, mdp.tau, h, scheme, rates=rates)
@@ -151,12 +151,12 @@ class Wasserstein(Flow):
         return self.partition.gather(self.own_dissipation(state))
 
     def own_dissipation(self, state: FlowState) -> np.ndarray:
-        rows, mdp, scheme = self.partition.rows, self.mdp, self.config.scheme
+        mdp, scheme = self.mdp, self.config.scheme
         if mdp.n_states == 1:  # the generator is frozen (start): its edge rates are computed once
             if getattr(self, "_frozen_rates", None) is None:
-                self._frozen_rates = edge_rates(mdp.space, state.g, mdp.tau, scheme)
-            return dissipation(mdp, state.p, state.g, scheme, self._frozen_rates, state.evaluation.log_p)
-        p, g = state.p[rows], state.g[rows]
+                self._frozen_rates = edge_rates(mdp.space, state.own_g, mdp.tau, scheme)
+            return dissipation(mdp, state.own_p, state.own_g, scheme, self._frozen_rates, state.evaluation.log_p)
+        p, g = state.own_p, state.own_g
         if 16 * g.shape[0] * mdp.space.edges.shape[0] > budget.SOLVE_CHUNK_BYTES:  # too large to keep: chunks
             self._rates = None
             D = dissipation(mdp, p, g, scheme)
