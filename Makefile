@@ -18,7 +18,7 @@ SYS_CHECK := import dolfinx, scipy, matplotlib, tqdm, pytest, ensurepip, flake8,
 # `wpgflow` on PATH: `make setup` links BINDIR/wpgflow to the venv's entry point when BINDIR is writable (root).
 BINDIR    := /usr/local/bin
 
-.PHONY: setup system-deps run test lint bench bench-peers bench-scaling bench-memory meshes clean
+.PHONY: setup system-deps run test lint bench bench-peers bench-scaling bench-memory bench-mpi meshes clean
 
 setup: $(WPGFLOW)
 	@if [ -w $(BINDIR) ]; then \
@@ -67,6 +67,12 @@ bench-peers:
 # Time per step and to gap 1e-8 vs states x action DOFs (1D and 2D), benchmarks/scaling.png, mpirun -n 1 vs 2.
 bench-scaling: setup
 	$(PY) benchmarks/bench_scaling.py
+
+# mpirun -n 1 against -n 2: the step interleaved in one mpirun job (with the machine's contention), then whole runs.
+bench-mpi: setup
+	$(PY) benchmarks/bench_mpi_steps.py lqr_1d
+	$(PY) benchmarks/bench_mpi_steps.py lqr_2d_state
+	$(PY) benchmarks/bench_mpi.py
 
 # Peak memory and stage times of 101 x 101 states x 1013 action DOFs against the formula of solver/mdp.py.
 bench-memory: setup

@@ -106,3 +106,44 @@ def test_checked_evaluation_fails_on_every_rank(tmp_path):
     assert len(ranks) == 2 and ranks[0] == ranks[1]
     finite, failed = ranks[0]
     assert finite < 1e-12 and failed == "non-finite values in the policy at step 5 (t = 0.05)"
+
+
+STATES = textwrap.dedent("""
+    import json
+    import numpy as np
+    from mpi4py import MPI
+    from solver import config, flows, parallel, runner
+
+    problem = runner.build(config.load("experiments/lqr_1d.toml", ["states.n=13", "actions.cells=16"]))
+    comm = MPI.COMM_WORLD
+    partition = parallel.Partition(comm, problem.mdp.n_states)
+    p0 = runner.initial_policy(problem.config, problem.mdp)
+    serial = flows.trajectory(runner.make_flow(problem), p0)
+    distributed = flows.trajectory(runner.make_flow(problem, partition), p0)
+    out, rows = [], partition.rows
+    for _ in range(4):
+        a, b = next(serial), next(distributed)
+        ungathered = b.p is None and b.g is None and b.evaluation.Q is None
+        own = max(float(np.max(np.abs(a.p[rows] - b.own_p))), float(np.max(np.abs(a.g[rows] - b.own_g))),
+                  float(np.max(np.abs(a.evaluation.Q[rows] - b.evaluation.own_Q))))
+        b.gather(partition)  # collective
+        whole = max(float(np.max(np.abs(a.p - b.p))), float(np.max(np.abs(a.g - b.g))),
+                    float(np.max(np.abs(a.evaluation.Q - b.evaluation.Q))))
+        out.append([ungathered, own, whole])
+    everyone = comm.gather(out)
+    if comm.rank == 0:
+        print(json.dumps(everyone))
+""")
+
+
+@pytest.mark.skipif(MPIRUN is None, reason="mpirun not installed (Debian: openmpi-bin)")
+def test_states_stay_distributed_until_gathered(tmp_path):
+    """Under MPI a flow state holds its rank's rows of p, g and Q (the whole arrays are None, so nothing reads rows
+    it does not have); those rows equal the serial run's, and FlowState.gather gives the serial arrays on every
+    rank (1e-12: the same operations row by row; the replicated LU solve agrees to round-off)."""
+    ranks = _on_two_ranks(tmp_path, STATES)
+    assert len(ranks) == 2
+    for steps in ranks:
+        assert len(steps) == 4
+        for ungathered, own, whole in steps:
+            assert ungathered and own < 1e-12 and whole < 1e-12, steps
