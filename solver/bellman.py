@@ -286,11 +286,10 @@ def evaluate(mdp: MDP, p: np.ndarray, partition=None) -> Evaluation:
     the ``1 x 1`` LU, tests/test_fast_paths.py).
     """
     rows = slice(None) if partition is None else partition.rows
-    local = p
-    masses = local * mdp.weights
+    masses = p * mdp.weights
     # log p kept for the consumers of this policy (small enough); the same entropy bit for bit for p > 0
-    log_p = policy_log(local) if 8 * local.size <= budget.KL_CHUNK_BYTES else None
-    r_pi = np.einsum("ij,ij->i", masses, mdp.reward[rows]) - mdp.tau * kl_divergence(mdp, local, mdp.log_mu, log_p)
+    log_p = policy_log(p) if 8 * p.size <= budget.KL_CHUNK_BYTES else None
+    r_pi = np.einsum("ij,ij->i", masses, mdp.reward[rows]) - mdp.tau * kl_divergence(mdp, p, mdp.log_mu, log_p)
     if partition is None and mdp.n_states == 1:  # P^pi = sum_j m_j T_j11 = sum_j m_j (the one state's kernel is 1)
         resolvent = Resolvent.one_state(float(masses.sum()), mdp.gamma)
         V = resolvent.solve(r_pi)

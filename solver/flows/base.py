@@ -65,14 +65,10 @@ class FlowState:
         self.own_p = self.p if self.own_p is None else self.own_p
         self.own_g = self.g if self.own_g is None else self.own_g
 
-    @property
-    def gathered(self) -> bool:
-        """Whether ``p``, ``g`` and ``evaluation.Q`` hold every state (always when serial)."""
-        return self.p is not None
-
     def gather(self, partition: Partition) -> None:
-        """Gather ``p``, ``g`` and ``evaluation.Q`` from the ranks' rows (collective under MPI; once per state)."""
-        if self.gathered:
+        """Gather ``p``, ``g`` and ``evaluation.Q`` from the ranks' rows (collective under MPI; a no-op once they
+        hold every state, as they always do when serial)."""
+        if self.p is not None:
             return
         self.p, self.g = partition.gather(self.own_p), partition.gather(self.own_g)
         self.evaluation.Q = partition.gather(self.evaluation.own_Q)
