@@ -47,7 +47,8 @@ class Observer:
     def needs_full(self, row: dict, state: FlowState) -> bool:
         """Whether :meth:`observe` reads every state's ``p``, ``g`` or ``Q`` of ``state`` (under MPI the runner then
         gathers them first, :meth:`~solver.flows.FlowState.gather`; rank 0's answer decides). Collective observers
-        read their own rows (:attr:`~solver.flows.FlowState.own_p`, ...) and need not."""
+        mostly read their own rows (:attr:`~solver.flows.FlowState.own_p`, ...) and need not; the along-flow
+        check's shared gap tracker (2D meshes) does."""
         return False
 
     def finish(self, result) -> None:
