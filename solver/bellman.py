@@ -100,13 +100,7 @@ class Resolvent:
         if isinstance(P, np.ndarray):  # a dense P^pi (solver.mdp.InterpolatedPolicy): no sparse round trip
             if method == "dense" or (method == "auto" and n <= DENSE_STATES):
                 self.method, self.gamma, self._P = "dense", gamma, None
-                # built in Fortran order, as LAPACK takes it: a C-ordered A is copied once more on the way in
-                # (measured at 241 states: 0.86 ms for this and the LU against 1.6 ms; the same factors bit for bit)
-                A = np.empty((n, n), order="F")
-                np.multiply(P, -gamma, out=A)
-                A.ravel(order="K")[::n + 1] += 1.0  # the diagonal (a view: A is contiguous)
-                with single_threaded_blas(n):
-                    self._lu = sla.lu_factor(A, overwrite_a=True, check_finite=False)
+                self._lu = _dense_lu(P, gamma)
                 return
             P = sp.csr_matrix(P)
         if method == "auto":
@@ -116,8 +110,7 @@ class Resolvent:
         self.method, self.gamma = method, gamma
         self._lu = self._P = None
         if method == "dense":
-            with single_threaded_blas(n):  # small LUs: one BLAS thread is 10x faster (parallel.SMALL_BLAS_ROWS)
-                self._lu = sla.lu_factor(np.eye(n) - gamma * P.toarray(), check_finite=False)
+            self._lu = _dense_lu(P.toarray(), gamma)
         elif method == "sparse":
             self._lu = spla.splu(sp.identity(n, format="csc") - gamma * P.tocsc())
         else:
@@ -158,6 +151,19 @@ class Resolvent:
         if info != 0:
             raise ConvergenceError(f"GMRES for (I - gamma P^pi) x = b did not reach rtol {KRYLOV_RTOL} ({info})")
         return x
+
+
+def _dense_lu(P: np.ndarray, gamma: float):
+    """LAPACK's LU of ``I - gamma P`` (``P`` dense), on one BLAS thread for small ``N`` (10x faster,
+    :data:`solver.parallel.SMALL_BLAS_ROWS`). The matrix is built in Fortran order, as LAPACK takes it: a C-ordered
+    one is copied once more on the way in (measured at 241 states: 0.86 ms for the build and the LU against 1.6 ms;
+    the same factors bit for bit)."""
+    n = P.shape[0]
+    A = np.empty((n, n), order="F")
+    np.multiply(P, -gamma, out=A)
+    A.ravel(order="K")[::n + 1] += 1.0  # the diagonal (a view: A is contiguous); 1 - gamma P_ii as before
+    with single_threaded_blas(n):
+        return sla.lu_factor(A, overwrite_a=True, check_finite=False)
 
 
 def _gmres_rtol(rtol: float) -> dict:
